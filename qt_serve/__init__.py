@@ -1,0 +1,1 @@
+"""qt runtime core: model, checkpoint, tokenizer, sampling, generation."""

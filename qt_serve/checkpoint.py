@@ -1,0 +1,194 @@
+"""The checkpoint directory: the one artifact every qt package reads and writes.
+
+    config.json              ModelConfig (LlamaConfig names + a `qt` section)
+    model.safetensors        HF parameter names (or sharded: model-0000x-of-0000y + index)
+    tokenizer.json, tokenizer_config.json (with chat_template), generation_config.json
+
+`save_checkpoint` writes into a temporary sibling directory and renames it into
+place, so a crash mid-write never leaves a directory that loads as if whole.
+`load` accepts such a directory (ours or one written by `transformers`), a `.gguf`
+file, or a known model name (fetched by `qt_serve.hub`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from qt_serve.config import ModelConfig
+from qt_serve.errors import QtError
+from qt_serve.model import Transformer, rope_tables
+from qt_serve.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model with everything needed to run it."""
+
+    model: Transformer
+    tokenizer: Tokenizer | None
+    generation_config: dict
+    source: str
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise QtError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ---- writing -------------------------------------------------------------------
+
+
+def state_dict_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
+    """HF-named tensors; a tied LM head is left out (HF re-ties it from the embedding)."""
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None,
+                    generation_config: dict | None = None) -> Path:
+    """Write a whole checkpoint directory atomically (temp dir, then rename)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        cfg = model.config
+        dtype = next(model.parameters()).dtype
+        cfg.torch_dtype = {v: k for k, v in DTYPES.items()}.get(dtype, cfg.torch_dtype)
+        cfg.save(tmp / "config.json")
+        save_file(state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **(generation_config or {})}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    # os.replace cannot swap onto a non-empty directory: move the old one aside first,
+    # so at every instant `dst` is either the old whole checkpoint or the new one.
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- reading -------------------------------------------------------------------
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    single = directory / "model.safetensors"
+    index = directory / "model.safetensors.index.json"
+    if single.exists():
+        files = [single]
+    elif index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise QtError(f"{index} is corrupt ({e})") from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+    elif (directory / "pytorch_model.bin").exists():
+        raise QtError(f"{directory} holds pytorch_model.bin; qt reads safetensors only. Convert it with "
+                      "transformers: AutoModelForCausalLM.from_pretrained(d).save_pretrained(d)")
+    else:
+        raise QtError(f"{directory} has no model.safetensors: not a complete checkpoint directory")
+    tensors = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except FileNotFoundError:
+            raise QtError(f"{f} is missing (listed in the safetensors index)") from None
+        except (SafetensorError, OSError, ValueError) as e:
+            raise QtError(f"{f} is truncated or corrupt ({e}); re-download or re-save the checkpoint") from None
+    return tensors
+
+
+def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str,
+                dtype: torch.dtype | None = None, device="cpu", max_seq_len: int | None = None) -> Transformer:
+    """A Transformer holding `tensors`, after checking every name and shape against `cfg`."""
+    with torch.device("meta"):
+        model = Transformer(cfg, max_seq_len)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise QtError(f"{source}: weights do not match config.json: missing {missing[:5]}, "
+                      f"unexpected {unexpected[:5]}")
+    for k, shape in expected.items():
+        if tensors[k].shape != shape:
+            raise QtError(f"{source}: {k} has shape {tuple(tensors[k].shape)}, config.json implies {tuple(shape)}")
+    dtype = dtype or DTYPES.get(cfg.torch_dtype, torch.float32)
+    # Built on the meta device, the weights are assigned rather than copied over a random init.
+    model.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = rope_tables(cfg, model.max_seq_len)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_dir(directory: str | Path, dtype: torch.dtype | None = None, device="cpu",
+             max_seq_len: int | None = None) -> Checkpoint:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise QtError(f"checkpoint directory {directory} does not exist")
+    cfg = ModelConfig.load(directory / "config.json")
+    model = build_model(cfg, _read_tensors(directory), str(directory), dtype, device, max_seq_len)
+    tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
+    gen = {}
+    gpath = directory / "generation_config.json"
+    if gpath.exists():
+        try:
+            gen = json.loads(gpath.read_text())
+        except json.JSONDecodeError as e:
+            raise QtError(f"{gpath} is not valid JSON: {e}") from None
+    return Checkpoint(model, tokenizer, gen, str(directory))
+
+
+def load(spec: str | Path, dtype: str | torch.dtype | None = None, device="cpu",
+         max_seq_len: int | None = None) -> Checkpoint:
+    """Load a checkpoint dir, an HF Llama dir, a .gguf file, or a known model name."""
+    from qt_serve import gguf_import, hub
+
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise QtError(f"GGUF file {path} does not exist")
+        return gguf_import.load_gguf(path, dtype, device, max_seq_len)
+    if not path.exists() and str(spec) in hub.KNOWN:
+        path = hub.pull(str(spec))
+    if not path.exists():
+        raise QtError(f"{spec} is neither a checkpoint directory, a .gguf file nor a known model "
+                      f"({', '.join(hub.KNOWN)})")
+    return load_dir(path, dtype, device, max_seq_len)

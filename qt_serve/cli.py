@@ -1,0 +1,122 @@
+"""Thin command-line entry points: parse flags, call the library, print errors without tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from qt_serve.errors import QtError
+from qt_serve.hub import DEFAULT_MODEL
+
+CHAT_HELP = """commands:
+  /system TEXT   set the system prompt (and start over)
+  /reset         forget the conversation
+  /quit          leave (or Ctrl-D); Ctrl-C stops a reply"""
+
+
+def add_model_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help=f"checkpoint dir, HF Llama dir, .gguf file or known name (default {DEFAULT_MODEL})")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="weight dtype (default: the checkpoint's)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--max-seq-len", type=int, default=4096, help="context length to allocate the KV cache for")
+
+
+def run(main):
+    """Run a CLI body, turning QtError into `error: ...` and exit code 2."""
+    try:
+        return main()
+    except QtError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def chat_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="qt-chat", description="Chat with a model in the terminal.",
+                                 epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_flags(ap)
+    ap.add_argument("--system", default=None, help="system prompt")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.9)
+    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args(argv)
+    return run(lambda: chat(args))
+
+
+def chat(args) -> int:
+    import torch
+
+    from qt_serve.generate import LLM
+    from qt_serve.sampling import SamplingParams
+
+    torch.set_grad_enabled(False)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    llm = LLM.load(args.model, dtype=args.dtype, device=args.device, max_seq_len=args.max_seq_len)
+    if llm.tokenizer is None or not llm.tokenizer.chat_template:
+        raise QtError(f"{args.model} has no tokenizer with a chat_template, so it cannot chat")
+    system = args.system
+    history: list[dict] = []
+    print(f"qt-chat: {llm.ckpt.source} ({sum(p.numel() for p in llm.model.parameters()) / 1e6:.0f}M parameters). "
+          "Type /help for commands.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/help":
+            print(CHAT_HELP)
+            continue
+        if text == "/reset":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if text.startswith("/system"):
+            system = text[len("/system"):].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)")
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}; /help lists them")
+            continue
+        history.append({"role": "user", "content": text})
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        reply, n, start, first = [], 0, time.perf_counter(), None
+        print("bot> ", end="", flush=True)
+        try:
+            for delta in llm.stream(messages, params):
+                if first is None:
+                    first = time.perf_counter() - start
+                n += delta.token is not None
+                reply.append(delta.text)
+                print(delta.text, end="", flush=True)
+            note = ""
+        except KeyboardInterrupt:
+            note = " [stopped]"
+        except QtError as e:  # e.g. the conversation outgrew the context: keep the program alive
+            history.pop()
+            print(f"\nerror: {e}\n(try /reset)")
+            continue
+        elapsed = time.perf_counter() - start
+        rate = (n - 1) / (elapsed - first) if first is not None and n > 1 and elapsed > first else 0.0
+        print(f"\n  [{n} tokens, {rate:.1f} tok/s, first token {first or 0:.2f} s{note}]", file=sys.stderr)
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def bench_main(argv=None) -> int:
+    from evals import bench
+
+    return run(lambda: bench.main(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(chat_main())

@@ -1,0 +1,147 @@
+"""Single-sequence generation: prefill, then token-by-token decode on a preallocated KV cache.
+
+    llm = LLM.load("SmolLM2-135M-Instruct")
+    for delta in llm.stream([{"role": "user", "content": "Hi!"}], SamplingParams(temperature=0)):
+        print(delta.text, end="", flush=True)
+
+The cache is kept between calls: a prompt that starts with the tokens of the last
+call (a chat's growing history) only prefills what is new. The continuously batched
+engine for many concurrent requests builds on the same model and cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from qt_serve import checkpoint
+from qt_serve.errors import QtError
+from qt_serve.model import KVCache
+from qt_serve.sampling import Choice, Sampler, SamplingParams, StopStrings
+from qt_serve.tokenizer import StreamDecoder
+
+Prompt = str | list[int] | list[dict]  # text, token ids, or chat messages
+
+
+@dataclass
+class Delta:
+    """One step of a stream: new text (possibly empty while a character is incomplete)."""
+
+    text: str
+    token: Choice | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last delta
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    choices: list[Choice] = field(default_factory=list, repr=False)
+
+
+class LLM:
+    def __init__(self, ckpt: checkpoint.Checkpoint, max_seq_len: int | None = None):
+        self.ckpt = ckpt
+        self.model = ckpt.model
+        self.tokenizer = ckpt.tokenizer
+        cfg = self.model.config
+        self.max_seq_len = min(max_seq_len or self.model.max_seq_len, self.model.max_seq_len)
+        p = next(self.model.parameters())
+        self.cache = KVCache(cfg, 1, self.max_seq_len, dtype=p.dtype, device=p.device)
+        self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
+        gen_eos = ckpt.generation_config.get("eos_token_id")
+        eos = set(cfg.eos_token_ids) | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        if self.tokenizer is not None and self.tokenizer.eos_id is not None:
+            eos.add(self.tokenizer.eos_id)
+        self.eos_ids = sorted(i for i in eos if i is not None)
+
+    @classmethod
+    def load(cls, spec, dtype=None, device="cpu", max_seq_len: int | None = None) -> LLM:
+        return cls(checkpoint.load(spec, dtype=dtype, device=device, max_seq_len=max_seq_len), max_seq_len)
+
+    @property
+    def device(self):
+        return self.cache.k.device
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        elif self.tokenizer is None:
+            raise QtError("this checkpoint has no tokenizer.json: pass token ids instead of text")
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = self.tokenizer.encode_chat(prompt)
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise QtError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if not ids:
+            raise QtError("the prompt is empty: give at least one token")
+        if len(ids) >= self.max_seq_len:
+            raise QtError(f"the prompt is {len(ids)} tokens but the context is {self.max_seq_len} tokens "
+                          "(room is needed for at least one new token); shorten the prompt")
+        return ids
+
+    @torch.inference_mode()
+    def _forward(self, ids: list[int], start: int) -> torch.Tensor:
+        """Run ids at positions start.. through the model, extending the cache; last logits (vocab,)."""
+        idx = torch.tensor([ids], device=self.device)
+        pos = torch.arange(start, start + len(ids), device=self.device)[None]
+        logits = self.model(idx, pos, self.cache, logit_index=torch.tensor([len(ids) - 1], device=self.device))
+        self.cached = self.cached[:start] + ids
+        return logits[0, -1]
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               cancel: threading.Event | None = None) -> Iterator[Delta]:
+        """Yield text deltas as tokens are generated; the last delta carries finish_reason."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        # Reuse the cached prefix, but always run at least the last prompt token to get logits.
+        reuse = 0
+        while reuse < min(len(self.cached), len(ids) - 1) and self.cached[reuse] == ids[reuse]:
+            reuse += 1
+        logits = self._forward(ids[reuse:], reuse)
+        sampler = Sampler(params, self.model.config.vocab_size, self.eos_ids, ids, device=self.device)
+        decoder = StreamDecoder(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
+        stops = StopStrings(params.stop)
+        budget = min(params.max_tokens, self.max_seq_len - len(ids))
+        stop_ids = set(self.eos_ids if not params.ignore_eos else []) | set(params.stop_token_ids)
+        n = 0
+        while True:
+            if cancel is not None and cancel.is_set():
+                yield Delta(stops.flush(), finish_reason="cancelled")
+                return
+            choice = sampler(logits)
+            n += 1
+            if choice.token in stop_ids and n > params.min_tokens:
+                tail = decoder.flush() if decoder else ""
+                text, _ = stops.push(tail)
+                yield Delta(text + stops.flush(), choice, "stop")
+                return
+            piece = decoder.push(choice.token) if decoder else ""
+            text, hit = stops.push(piece)
+            if hit:
+                yield Delta(text, choice, "stop")
+                return
+            if n >= budget:
+                tail, hit = stops.push(decoder.flush() if decoder else "")
+                yield Delta(text + tail + ("" if hit else stops.flush()), choice, "stop" if hit else "length")
+                return
+            yield Delta(text, choice)
+            logits = self._forward([choice.token], len(ids) + n - 1)
+
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
+        ids = self.encode(prompt)
+        parts, choices, reason = [], [], "length"
+        for d in self.stream(ids, params):
+            parts.append(d.text)
+            if d.token is not None:
+                choices.append(d.token)
+            reason = d.finish_reason or reason
+        return Completion("".join(parts), [c.token for c in choices], reason, len(ids), choices)

@@ -1,0 +1,201 @@
+"""A Llama-style decoder-only transformer, top to bottom.
+
+    tokens ─> embed_tokens ─> N × [ x + Attn(RMSNorm(x)),  x + MLP(RMSNorm(x)) ] ─> norm ─> lm_head ─> logits
+
+Attention is grouped-query (num_key_value_heads ≤ num_attention_heads) with rotary
+position embeddings (RoPE, Su et al. 2021; Llama-3 frequency scaling); the MLP is
+SwiGLU (Shazeer 2020). Parameter names are Hugging Face's
+(`model.layers.0.self_attn.q_proj.weight`, ...), so a state dict moves between this
+module and `transformers.LlamaForCausalLM` without renaming.
+
+The model knows nothing of tokens, sampling or files. `forward` takes token ids,
+their positions and, when decoding, a `KVCache` whose keys and values it extends in
+place. Quantization, LoRA and compilation are applied from outside (module swaps).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qt_serve.config import ModelConfig
+from qt_serve.errors import QtError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (as HF does) so bf16/fp16 weights give the same result.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies (head_dim/2,), with the checkpoint's rope_scaling."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, blend in between.
+        factor = scaling["factor"]
+        lo, hi = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, blended, scaled)
+    raise QtError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def rope_tables(cfg: ModelConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin for positions 0..n-1: (n, head_dim) each, computed in fp32."""
+    freqs = torch.outer(torch.arange(n).float(), rope_inv_freq(cfg))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    # HF's layout: the first and second halves of head_dim form the rotated pairs.
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: (layers, batch, kv_heads, max_len, head_dim).
+
+    Static shapes: nothing is concatenated while decoding. Row b holds one sequence;
+    position p of it lives at index p, so a row is reused by simply writing over it
+    (stale entries past a row's current position are masked out by `forward`).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, pos, k, v, length: int):
+        """Write k, v (B, Hkv, S, D) at positions pos (B, S); return this layer's first `length` entries."""
+        B = k.shape[0]
+        ck, cv = self.k[layer, :B], self.v[layer, :B]
+        if B == 1:
+            ck.index_copy_(2, pos[0], k)
+            cv.index_copy_(2, pos[0], v)
+        else:
+            rows = torch.arange(B, device=k.device)[:, None]
+            ck[rows, :, pos] = k.transpose(1, 2)  # indexed view is (B, S, Hkv, D)
+            cv[rows, :, pos] = v.transpose(1, 2)
+        return ck[:, :, :length], cv[:, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
+
+    def forward(self, x, cos, sin, pos, cache: KVCache | None, length: int, mask):
+        B, S, _ = x.shape
+        # (B, S, H*D) -> (B, H, S, D)
+        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is None:  # training / full recompute: plain causal attention over x itself
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
+        else:
+            k, v = cache.update(self.layer, pos, k, v, length)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, pos, cache, length, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, length, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_seq_len: int | None = None):
+        super().__init__()
+        self.config = cfg
+        self.max_seq_len = max_seq_len or cfg.max_position_embeddings
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.output_bias)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # cos/sin tables (max_seq_len, head_dim); not in the state dict (derived from config).
+        cos, sin = rope_tables(cfg, self.max_seq_len)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx, pos=None, cache: KVCache | None = None, logit_index=None):
+        """idx, pos: (B, S) token ids and their positions -> logits (B, S, vocab).
+
+        With a cache, the new keys/values are written at `pos` and each query attends
+        to every cached position ≤ its own. `logit_index` (B,) picks one position per
+        row (e.g. each prompt's last token), giving logits (B, 1, vocab) and skipping
+        the LM head elsewhere.
+        """
+        B, S = idx.shape
+        if pos is None:
+            pos = torch.arange(S, device=idx.device).expand(B, S)
+        x = self.model.embed_tokens(idx)
+        cos = self.rope_cos[pos].unsqueeze(1).to(x.dtype)  # (B, 1, S, D): broadcast over heads
+        sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
+        length, mask = 0, None
+        if cache is not None:
+            length = int(pos.max()) + 1  # attend over cache[:length]
+            if B > 1 or S > 1:  # one row decoding one token sees all of cache[:length]: no mask
+                # Key j is visible to a query at position p iff j ≤ p: causal within the new
+                # tokens, everything before them, nothing stale past a row's own length.
+                mask = torch.arange(length, device=idx.device) <= pos[:, None, :, None]  # (B, 1, S, L)
+        for block in self.model.layers:
+            x = block(x, cos, sin, pos, cache, length, mask)
+        x = self.model.norm(x)
+        if logit_index is not None:
+            x = x[torch.arange(B, device=x.device), logit_index].unsqueeze(1)
+        return self.lm_head(x)

@@ -1,0 +1,1 @@
+"""See README.md: this package is planned, not built yet."""
