@@ -1,0 +1,17 @@
+# CPU image of qt running the main job (qt-chat on the default model).
+# For another base (e.g. a CUDA-enabled Python image): docker build --build-arg BASE=... .
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 QT_HOME=/data/qt
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY qt_serve ./qt_serve
+COPY train ./train
+COPY quant ./quant
+COPY app ./app
+COPY evals ./evals
+RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 qt && mkdir -p /data/qt && chown 10001 /data/qt
+USER 10001
+VOLUME ["/data/qt"]
+CMD ["qt-chat"]
