@@ -60,7 +60,7 @@ def chat(args) -> int:
         raise QtError(f"{args.model} has no tokenizer with a chat_template, so it cannot chat")
     system = args.system
     history: list[dict] = []
-    print(f"qt-chat: {llm.ckpt.source} ({sum(p.numel() for p in llm.model.parameters()) / 1e6:.0f}M parameters). "
+    print(f"qt-chat: {llm.ckpt.source} ({llm.n_params / 1e6:.0f}M parameters). "
           "Type /help for commands.", file=sys.stderr)
     while True:
         try:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qt_serve import checkpoint
+from qt_serve import checkpoint, fast
 from qt_serve.errors import QtError
 from qt_serve.model import KVCache
 from qt_serve.sampling import Choice, Sampler, SamplingParams, StopStrings
@@ -45,9 +45,12 @@ class Completion:
 
 
 class LLM:
-    def __init__(self, ckpt: checkpoint.Checkpoint, max_seq_len: int | None = None):
+    """Generation on one checkpoint; `optimize` applies `fast.optimize_for_decode` to its model in place."""
+
+    def __init__(self, ckpt: checkpoint.Checkpoint, max_seq_len: int | None = None, optimize: bool = True):
         self.ckpt = ckpt
-        self.model = ckpt.model
+        self.n_params = sum(p.numel() for p in ckpt.model.parameters())  # before swaps add W.T copies
+        self.model = fast.optimize_for_decode(ckpt.model) if optimize else ckpt.model
         self.tokenizer = ckpt.tokenizer
         cfg = self.model.config
         self.max_seq_len = min(max_seq_len or self.model.max_seq_len, self.model.max_seq_len)

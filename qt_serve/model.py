@@ -158,7 +158,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, max_seq_len: int | None = None):
         super().__init__()
         self.config = cfg
-        self.max_seq_len = max_seq_len or cfg.max_position_embeddings
+        # The context never exceeds what the model was trained for (rope tables are sized by it).
+        self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.model = nn.ModuleDict(dict(
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
             layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
