@@ -1,42 +1,54 @@
 """Inference-time module swaps that make batch-1 decode faster without touching model.py.
 
-Batch-1 decode is a chain of matrix-vector products, so its speed is the bandwidth
-at which each kernel streams its weight. On the AVX2 CPUs qt is built on, torch's
-`F.linear` (x @ W.T with W stored out×in) reads a weight at ~9 GB/s, while `x @ W_t`
-with the same weight stored in×out reads it at ~13-18 GB/s whenever out > in (the
-LM head, gate/up, and fused projections); for out < in `F.linear` is the faster one
-(LOG.md, 2026-11-23, "batch-1 GEMV layouts"). So expanding projections are swapped for
-`TransposedLinear`; the others stay as they are.
+Batch-1 decode is a chain of matrix-vector products, so its speed is the bandwidth at
+which each product streams its weight. torch's one-row product (`F.linear` or `x @ W_t`
+with M = 1) runs on ONE thread whatever `torch.set_num_threads` says, and streams
+~9-13 GB/s here. A batched product over P slices of the weight is spread over the
+threads, so the same GEMV as `bmm` over P = threads slices reaches ~17-27 GB/s on 2
+cores (LOG.md, 2026-11-23, "batch-1 GEMV"):
 
-The swap is applied from outside the model, after loading: the model file keeps
-HF parameter names and the plain nn.Linear that training and export expect.
+- most projections: the (out, in) weight viewed as (P, out/P, in), no copy;
+- the LM head and other wide outputs (out ≥ 4·in): W.T stored as (P, in, out/P), which
+  streams fastest for such shapes (a second copy of the weight when it is tied).
+
+Products over more than one row (prefill, batches) are GEMMs that MKL already spreads
+over threads; they take the plain path. The swaps are applied from outside the model,
+after loading, so model.py keeps plain nn.Linear and HF names for training and export.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 
-class TransposedLinear(nn.Module):
-    """y = x @ W_t (+ b), with W_t = W.T stored contiguous as (in_features, out_features)."""
+class SplitTransposedLinear(nn.Module):
+    """y = x @ W.T (+ b) with W.T stored as P column-slices (P, in, out/P), one per thread."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, parts: int):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.in_features, self.out_features, self.parts = linear.in_features, linear.out_features, parts
+        w_t = linear.weight.detach().t()  # (K, N)
+        self.weight_t = nn.Parameter(w_t.reshape(self.in_features, parts, -1).transpose(0, 1).contiguous(),
+                                     requires_grad=False)
         self.bias = linear.bias
 
     def forward(self, x):
-        y = x @ self.weight_t
+        lead, K = x.shape[:-1], self.in_features
+        rows = x.reshape(-1, K)  # (M, K)
+        y = torch.bmm(rows.expand(self.parts, *rows.shape), self.weight_t)  # (P, M, N/P)
+        y = y.transpose(0, 1).reshape(lead + (self.out_features,))
         return y if self.bias is None else y + self.bias
 
 
-def optimize_for_decode(model: nn.Module) -> nn.Module:
-    """Swap, in place, every expanding nn.Linear (out > in) on CPU for a TransposedLinear."""
+def optimize_for_decode(model: nn.Module, threads: int | None = None) -> nn.Module:
+    """Swap, in place, each CPU nn.Linear for a SplitTransposedLinear over `threads` slices."""
+    parts = threads or torch.get_num_threads()
+    if parts < 2:
+        return model
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if (isinstance(child, nn.Linear) and child.out_features > child.in_features
-                    and child.weight.device.type == "cpu"):
-                setattr(parent, name, TransposedLinear(child))
+            if not isinstance(child, nn.Linear) or child.weight.device.type != "cpu" or child.out_features % parts:
+                continue
+            setattr(parent, name, SplitTransposedLinear(child, parts))
     return model
-

@@ -122,11 +122,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is None:  # training / full recompute: plain causal attention over x itself
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_head)
-        else:
-            k, v = cache.update(self.layer, pos, k, v, length)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)
+        if cache is not None:
+            k, v = cache.update(self.layer, pos, k, v, length)  # now (B, Hkv, length, D)
+        # No mask means the keys are exactly these S tokens from position 0: plain causal attention.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
+                                           enable_gqa=self.n_kv != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))
 
 
@@ -187,10 +187,12 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(idx)
         cos = self.rope_cos[pos].unsqueeze(1).to(x.dtype)  # (B, 1, S, D): broadcast over heads
         sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
-        length, mask = 0, None
+        length, mask = S, None
         if cache is not None:
             length = int(pos.max()) + 1  # attend over cache[:length]
-            if B > 1 or S > 1:  # one row decoding one token sees all of cache[:length]: no mask
+            # One row whose keys are just these tokens from 0 (a fresh prefill) is plain causal,
+            # and one row decoding one token sees all of cache[:length]: neither needs a mask.
+            if B > 1 or (S > 1 and length != S):
                 # Key j is visible to a query at position p iff j ≤ p: causal within the new
                 # tokens, everything before them, nothing stale past a row's own length.
                 mask = torch.arange(length, device=idx.device) <= pos[:, None, :, None]  # (B, 1, S, L)
