@@ -2,10 +2,11 @@
 
     python benchmarks/gemv.py [--threads 2]
 
-For each (in, out) shape: `F.linear(x, W)` with W stored (out, in), as nn.Linear does, against
-`x @ W_t` with the same weight stored (in, out). Each kernel cycles through enough copies of
-the weight (≥ 64 MB) that every call streams it from DRAM, as real decode does, instead of
-hitting L3. Prints µs per call and effective GB/s; the faster layout decides qt_serve/fast.py.
+For each (in, out) shape: `F.linear(x, W)` with W stored (out, in), as nn.Linear does;
+`x @ W_t` with the weight stored (in, out); and `bmm` over P = threads column-slices of W_t,
+stored (P, in, out/P), which is qt_serve/fast.py's SplitTransposedLinear. Each kernel cycles
+through enough copies of the weight (≥ 64 MB) that every call streams it from DRAM, as real
+decode does, instead of hitting L3. Prints µs per call and effective GB/s.
 """
 
 import argparse
@@ -30,8 +31,9 @@ def per_call_us(fn, x, weights, reps=5):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    torch.set_num_threads(ap.parse_args().threads)
-    print(f"{'in x out':>12} {'F.linear':>16} {'x @ W_t':>16}  faster")
+    threads = ap.parse_args().threads
+    torch.set_num_threads(threads)
+    print(f"{'in x out':>14} {'F.linear':>18} {'x @ W_t':>18} {f'bmm over {threads}':>18}")
     for k, n in SHAPES:
         copies = max(2, (64 << 20) // (k * n * 4))
         ws = [torch.randn(n, k) for _ in range(copies)]
@@ -39,9 +41,10 @@ def main():
         a = per_call_us(F.linear, x, ws)
         ws = [w.t().contiguous() for w in ws]
         b = per_call_us(torch.matmul, x, ws)
+        ws = [w.view(k, threads, n // threads).transpose(0, 1).contiguous() for w in ws]
+        c = per_call_us(torch.bmm, x.expand(threads, 1, k), ws)
         gb = k * n * 4 / 1e3
-        print(f"{k:>5} x {n:<6} {a:7.0f} µs {gb / a:4.1f} GB/s {b:7.0f} µs {gb / b:4.1f} GB/s  "
-              f"{'x @ W_t' if b < a else 'F.linear'} ×{max(a, b) / min(a, b):.2f}")
+        print(f"{k:>5} x {n:<6} " + " ".join(f"{t:7.0f} µs {gb / t:5.1f} GB/s" for t in (a, b, c)))
 
 
 if __name__ == "__main__":
