@@ -25,12 +25,15 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
 
 
 def run(main):
-    """Run a CLI body, turning QtError into `error: ...` and exit code 2."""
+    """Run a CLI body, turning QtError into `error: ...` (exit 2) and Ctrl-C into a quiet exit 130."""
     try:
         return main()
     except QtError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
 
 
 def chat_main(argv=None) -> int:

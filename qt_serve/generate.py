@@ -35,6 +35,66 @@ class Delta:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" on the last delta
 
 
+class Sequence:
+    """One request's decoding state: its sampler, streaming detokenizer, stop strings and budget.
+
+    `step(logits)` samples the next token and returns the text it adds; the delta that ends
+    the sequence carries finish_reason. Shared by `LLM` and the batched `engine.Engine`.
+    """
+
+    def __init__(self, prompt: list[int], params: SamplingParams, vocab_size: int, eos_ids: list[int],
+                 tokenizer, max_seq_len: int, device="cpu"):
+        self.prompt, self.params = prompt, params
+        self.sampler = Sampler(params, vocab_size, eos_ids, prompt, device=device)
+        self.decoder = StreamDecoder(tokenizer, params.skip_special_tokens) if tokenizer else None
+        self.stops = StopStrings(params.stop)
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
+        self.budget = min(params.max_tokens, max_seq_len - len(prompt))
+        self.tokens: list[int] = []
+        self.done = False
+
+    @property
+    def pos(self) -> int:
+        """Position of the next token to feed (the last one sampled)."""
+        return len(self.prompt) + len(self.tokens) - 1
+
+    def _text(self, token: int | None = None) -> str:
+        if self.decoder is None:
+            return ""
+        return self.decoder.flush() if token is None else self.decoder.push(token)
+
+    def step(self, logits: torch.Tensor) -> Delta:
+        choice = self.sampler(logits)
+        self.tokens.append(choice.token)
+        if choice.token in self.stop_ids and len(self.tokens) > self.params.min_tokens:
+            text, _ = self.stops.push(self._text())
+            return self._end(Delta(text + self.stops.flush(), choice, "stop"))
+        text, hit = self.stops.push(self._text(choice.token))
+        if hit:
+            return self._end(Delta(text, choice, "stop"))
+        if len(self.tokens) >= self.budget:
+            tail, hit = self.stops.push(self._text())
+            return self._end(Delta(text + tail + ("" if hit else self.stops.flush()), choice,
+                                   "stop" if hit else "length"))
+        return Delta(text, choice)
+
+    def cancel(self) -> Delta:
+        return self._end(Delta(self.stops.flush(), finish_reason="cancelled"))
+
+    def _end(self, delta: Delta) -> Delta:
+        self.done = True
+        return delta
+
+
+def eos_ids_of(ckpt: checkpoint.Checkpoint) -> list[int]:
+    """End-of-sequence ids from config.json, generation_config.json and the tokenizer together."""
+    gen_eos = ckpt.generation_config.get("eos_token_id")
+    eos = set(ckpt.model.config.eos_token_ids) | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    if ckpt.tokenizer is not None and ckpt.tokenizer.eos_id is not None:
+        eos.add(ckpt.tokenizer.eos_id)
+    return sorted(i for i in eos if i is not None)
+
+
 @dataclass
 class Completion:
     text: str
@@ -57,11 +117,7 @@ class LLM:
         p = next(self.model.parameters())
         self.cache = KVCache(cfg, 1, self.max_seq_len, dtype=p.dtype, device=p.device)
         self.cached: list[int] = []  # tokens whose keys/values are in the cache, in order
-        gen_eos = ckpt.generation_config.get("eos_token_id")
-        eos = set(cfg.eos_token_ids) | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        if self.tokenizer is not None and self.tokenizer.eos_id is not None:
-            eos.add(self.tokenizer.eos_id)
-        self.eos_ids = sorted(i for i in eos if i is not None)
+        self.eos_ids = eos_ids_of(ckpt)
 
     @classmethod
     def load(cls, spec, dtype=None, device="cpu", max_seq_len: int | None = None) -> LLM:
@@ -110,34 +166,17 @@ class LLM:
         while reuse < min(len(self.cached), len(ids) - 1) and self.cached[reuse] == ids[reuse]:
             reuse += 1
         logits = self._forward(ids[reuse:], reuse)
-        sampler = Sampler(params, self.model.config.vocab_size, self.eos_ids, ids, device=self.device)
-        decoder = StreamDecoder(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
-        stops = StopStrings(params.stop)
-        budget = min(params.max_tokens, self.max_seq_len - len(ids))
-        stop_ids = set(self.eos_ids if not params.ignore_eos else []) | set(params.stop_token_ids)
-        n = 0
+        seq = Sequence(ids, params, self.model.config.vocab_size, self.eos_ids, self.tokenizer, self.max_seq_len,
+                       self.device)
         while True:
             if cancel is not None and cancel.is_set():
-                yield Delta(stops.flush(), finish_reason="cancelled")
+                yield seq.cancel()
                 return
-            choice = sampler(logits)
-            n += 1
-            if choice.token in stop_ids and n > params.min_tokens:
-                tail = decoder.flush() if decoder else ""
-                text, _ = stops.push(tail)
-                yield Delta(text + stops.flush(), choice, "stop")
+            delta = seq.step(logits)
+            yield delta
+            if seq.done:
                 return
-            piece = decoder.push(choice.token) if decoder else ""
-            text, hit = stops.push(piece)
-            if hit:
-                yield Delta(text, choice, "stop")
-                return
-            if n >= budget:
-                tail, hit = stops.push(decoder.flush() if decoder else "")
-                yield Delta(text + tail + ("" if hit else stops.flush()), choice, "stop" if hit else "length")
-                return
-            yield Delta(text, choice)
-            logits = self._forward([choice.token], len(ids) + n - 1)
+            logits = self._forward([seq.tokens[-1]], seq.pos)
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
         ids = self.encode(prompt)

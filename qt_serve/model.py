@@ -89,6 +89,12 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
+    def rows(self, start: int, n: int) -> KVCache:
+        """A view of rows start..start+n-1 (same storage), for a forward over n sequences."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.max_len = self.k[:, start:start + n], self.v[:, start:start + n], self.max_len
+        return view
+
     def update(self, layer: int, pos, k, v, length: int):
         """Write k, v (B, Hkv, S, D) at positions pos (B, S); return this layer's first `length` entries."""
         B = k.shape[0]

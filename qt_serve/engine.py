@@ -1,0 +1,244 @@
+"""A continuously batched generation engine: many requests share one model and one KV cache.
+
+    engine = Engine(checkpoint.load("SmolLM2-135M-Instruct"), max_batch=8)
+    async for delta in engine.stream(prompt_ids, SamplingParams(temperature=0)):
+        ...
+
+One worker thread owns the model and the cache (torch releases the GIL, so the asyncio
+server stays responsive). Each loop iteration the scheduler
+  1. drops cancelled requests (client gone, time-out) and frees their KV rows at once;
+  2. admits waiting requests into free rows and prefills each (a new request joins the
+     running batch between two decode steps: continuous batching);
+  3. runs one decode step for every running request together: a (B, 1) forward, each row
+     at its own position, then per-request sampling.
+Running requests always occupy cache rows 0..B-1: when one finishes, the last row's keys
+and values move into the hole, so a decode step never computes rows nobody uses, and a
+lone request decodes exactly as `generate.LLM` does (batch-1 pays nothing for batching).
+Prefill and decode alternate rather than share one padded forward: on a CPU a padded
+prefill chunk would multiply every decode row's compute by the chunk length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from qt_serve import fast
+from qt_serve.checkpoint import Checkpoint
+from qt_serve.errors import QtError
+from qt_serve.generate import Delta, Sequence, eos_ids_of
+from qt_serve.model import KVCache
+from qt_serve.sampling import Sampler, SamplingParams
+
+
+class QueueFull(QtError):
+    """The engine's waiting queue is full: the client should retry later (HTTP 429)."""
+
+
+class EngineStopped(QtError):
+    """The engine is shutting down and admits no new requests (HTTP 503)."""
+
+
+@dataclass
+class Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[Delta], None]  # called from the worker thread, once per delta
+    seq: Sequence | None = None  # decoding state, made at admission
+    cancelled: bool = False
+    done: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+
+class Engine:
+    def __init__(self, ckpt: Checkpoint, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
+                 optimize: bool = True):
+        self.ckpt = ckpt
+        self.tokenizer = ckpt.tokenizer
+        self.model = fast.optimize_for_decode(ckpt.model) if optimize else ckpt.model
+        self.config = self.model.config
+        self.max_seq_len = min(max_seq_len or self.model.max_seq_len, self.model.max_seq_len)
+        p = next(self.model.parameters())
+        self.device = p.device
+        self.cache = KVCache(self.config, max_batch, self.max_seq_len, dtype=p.dtype, device=p.device)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.eos_ids = eos_ids_of(ckpt)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []  # running[i] owns cache row i
+        self.cond = threading.Condition()
+        self.accepting = True
+        self.stopped = False
+        self.ids = itertools.count()
+        self.thread = threading.Thread(target=self._loop, name="qt-engine", daemon=True)
+        self.thread.start()
+
+    # ---- public API (any thread) ----------------------------------------------------
+
+    def validate(self, prompt: list[int], params: SamplingParams) -> None:
+        vocab = self.config.vocab_size
+        if not prompt:
+            raise QtError("the prompt is empty: give at least one token")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise QtError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_seq_len:
+            raise QtError(f"the prompt is {len(prompt)} tokens but the context is {self.max_seq_len} tokens "
+                          "(room is needed for at least one new token); shorten the prompt")
+        Sampler(params, vocab, [], [])  # checks logit_bias token ids
+
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Delta], None],
+               request_id: str | None = None) -> Request:
+        self.validate(prompt, params)
+        req = Request(request_id or f"req-{next(self.ids)}", list(prompt), params, emit)
+        with self.cond:
+            if not self.accepting:
+                raise EngineStopped("the server is shutting down and accepts no new requests")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry shortly")
+            self.waiting.append(req)
+            self.cond.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        with self.cond:
+            req.cancelled = True
+            self.cond.notify()
+
+    async def stream(self, prompt: list[int], params: SamplingParams,
+                     request_id: str | None = None) -> AsyncIterator[Delta]:
+        """Deltas of one request; leaving the loop early (client gone) cancels it and frees its row."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        req = self.submit(prompt, params, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d), request_id)
+        try:
+            while True:
+                delta = await queue.get()
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if not req.done:
+                self.cancel(req)
+
+    def stats(self) -> dict:
+        with self.cond:
+            return {"running": len(self.running), "waiting": len(self.waiting), "slots": self.max_batch}
+
+    def shutdown(self, cancel_running: bool = False, timeout: float | None = None) -> None:
+        """Stop admitting; finish (or cancel) what is in flight; stop the worker."""
+        with self.cond:
+            self.accepting = False
+            for req in list(self.waiting) + (self.running if cancel_running else []):
+                req.cancelled = True
+            self.cond.notify()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self.cond:
+            while self.running or self.waiting:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    for req in self.running + list(self.waiting):
+                        req.cancelled = True
+                    deadline = None
+                self.cond.wait(0.05)
+            self.stopped = True
+            self.cond.notify()
+        self.thread.join(timeout=5)
+
+    # ---- worker thread -------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cond:
+                while not (self.waiting or self.running or self.stopped):
+                    self.cond.wait()
+                if self.stopped and not (self.waiting or self.running):
+                    return
+                self._drop_cancelled()
+                admitted = []
+                while self.waiting and len(self.running) < self.max_batch:
+                    req = self.waiting.popleft()
+                    self.running.append(req)
+                    admitted.append(req)
+            try:
+                for req in admitted:
+                    self._prefill(req)
+                self._decode()
+            except Exception as e:  # a bug or OOM: fail the requests in flight, keep serving
+                for req in list(self.running):
+                    self._finish(req, Delta("", finish_reason="error"), error=e)
+            with self.cond:
+                self._drop_finished()
+                self.cond.notify_all()
+
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(req)
+            self._finish(req, Delta("", finish_reason="cancelled"))
+        for req in [r for r in self.running if r.cancelled and not r.done]:
+            self._finish(req, req.seq.cancel() if req.seq else Delta("", finish_reason="cancelled"))
+        self._drop_finished()
+
+    def _drop_finished(self) -> None:
+        # Keep rows dense: move the last running request's keys/values into each hole.
+        i = 0
+        while i < len(self.running):
+            if not self.running[i].done:
+                i += 1
+                continue
+            last = len(self.running) - 1
+            if i != last:
+                n = self.running[last].seq.pos + 1
+                self.cache.k[:, i, :, :n] = self.cache.k[:, last, :, :n]
+                self.cache.v[:, i, :, :n] = self.cache.v[:, last, :, :n]
+                self.running[i] = self.running[last]
+            self.running.pop()
+
+    def _finish(self, req: Request, delta: Delta, error: Exception | None = None) -> None:
+        req.done = True
+        if error is not None:
+            delta.text = f"internal error: {error}"
+        req.emit(delta)
+
+    def _prefill(self, req: Request) -> None:
+        row = self.running.index(req)
+        req.seq = Sequence(req.prompt, req.params, self.config.vocab_size, self.eos_ids, self.tokenizer,
+                           self.max_seq_len, self.device)
+        n = len(req.prompt)
+        idx = torch.tensor([req.prompt], device=self.device)
+        pos = torch.arange(n, device=self.device)[None]
+        logits = self.model(idx, pos, self.cache.rows(row, 1), logit_index=torch.tensor([n - 1], device=self.device))
+        self._accept(req, logits[0, -1])
+
+    def _decode(self) -> None:
+        with self.cond:  # a prefill may have finished at once (e.g. max_tokens=1): re-pack rows first
+            self._drop_finished()
+        live = list(self.running)
+        if not live:
+            return
+        idx = torch.tensor([[r.seq.tokens[-1]] for r in live], device=self.device)
+        pos = torch.tensor([[r.seq.pos] for r in live], device=self.device)
+        logits = self.model(idx, pos, self.cache.rows(0, len(live)))  # (B, 1, vocab)
+        for req, row in zip(live, logits[:, -1]):
+            self._accept(req, row)
+
+    def _accept(self, req: Request, logits: torch.Tensor) -> None:
+        """Sample the next token of `req` and hand the delta to its client."""
+        if req.cancelled:  # the client left during this step; _drop_cancelled reports it next
+            return
+        delta = req.seq.step(logits)
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        if req.seq.done:
+            self._finish(req, delta)
+        else:
+            req.emit(delta)
