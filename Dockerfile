@@ -1,8 +1,10 @@
-# CPU image of qt running the main job (qt-chat on the default model).
+# Image of qt running the main job: qt-serve with the default model on port 8000.
 # For another base (e.g. a CUDA-enabled Python image): docker build --build-arg BASE=... .
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
+# PIP_EXTRA_INDEX_URL: point it at PyTorch's CPU wheel index for a smaller CPU-only image.
+ARG PIP_EXTRA_INDEX_URL=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 QT_HOME=/data/qt
 WORKDIR /app
 COPY pyproject.toml README.md ./
@@ -14,4 +16,5 @@ COPY evals ./evals
 RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 qt && mkdir -p /data/qt && chown 10001 /data/qt
 USER 10001
 VOLUME ["/data/qt"]
-CMD ["qt-chat"]
+EXPOSE 8000
+CMD ["qt-serve", "--host", "0.0.0.0", "--port", "8000"]

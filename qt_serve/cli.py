@@ -115,6 +115,47 @@ def chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def serve_main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="qt-serve", description="OpenAI-compatible HTTP server for small models.")
+    ap.add_argument("--model", action="append", default=None, metavar="[NAME=]SPEC",
+                    help="checkpoint dir, HF Llama dir, .gguf file or known name; repeat as NAME=SPEC to serve "
+                         f"several (default {DEFAULT_MODEL})")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--max-model-len", type=int, default=4096, help="context length per request (KV cache rows)")
+    ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
+    ap.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get HTTP 429")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $QT_API_KEY)")
+    ap.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = ap.parse_args(argv)
+    return run(lambda: serve(args))
+
+
+def serve(args) -> int:
+    import logging
+    import os
+    import signal
+
+    import uvicorn
+
+    from qt_serve.api import load_served, create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    served = load_served(args.model or [DEFAULT_MODEL], dtype=args.dtype, device=args.device,
+                         max_seq_len=args.max_model_len, max_batch=args.max_batch, max_queue=args.max_queue)
+    app = create_app(served, api_key=args.api_key or os.environ.get("QT_API_KEY"),
+                     max_body_bytes=args.max_body_bytes)
+    # SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight streams finish for up to 10 s, then
+    # cancels them; the app's shutdown then stops the engines. uvicorn re-raises the signal to the
+    # handler that was there before it; a no-op one makes a SIGTERM shutdown exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    return 0
+
+
 def bench_main(argv=None) -> int:
     from evals import bench
 

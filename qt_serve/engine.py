@@ -129,6 +129,16 @@ class Engine:
             if not req.done:
                 self.cancel(req)
 
+    def score(self, prompt: list[int]) -> torch.Tensor:
+        """Log-probabilities (S, vocab) of the next token at every prompt position, for echo/logprobs.
+
+        A cache-free forward on the caller's thread: it shares the weights (read-only) with the
+        worker, not the KV cache, so scoring never disturbs running requests."""
+        self.validate(prompt, SamplingParams())
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([prompt], device=self.device))[0]
+        return torch.log_softmax(logits.float(), -1).cpu()
+
     def stats(self) -> dict:
         with self.cond:
             return {"running": len(self.running), "waiting": len(self.waiting), "slots": self.max_batch}
