@@ -3,8 +3,8 @@
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
-# PIP_EXTRA_INDEX_URL: point it at PyTorch's CPU wheel index for a smaller CPU-only image.
-ARG PIP_EXTRA_INDEX_URL=""
+# --build-arg PIP_EXTRA_INDEX_URL=<PyTorch CPU wheel index> gives a smaller CPU-only image (unset by default).
+ARG PIP_EXTRA_INDEX_URL
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 QT_HOME=/data/qt
 WORKDIR /app
 COPY pyproject.toml README.md ./
