@@ -77,6 +77,8 @@ class Metrics:
         self.queue = Gauge("qt_queue_depth", "requests waiting for a KV slot", ["model"], registry=r)
         self.running = Gauge("qt_kv_slots_in_use", "KV cache slots held by running requests", ["model"], registry=r)
         self.slots = Gauge("qt_kv_slots", "KV cache slots", ["model"], registry=r)
+        self.reused = Gauge("qt_prefix_reused_tokens", "prompt tokens served from cached prefixes, total",
+                            ["model"], registry=r)
         self.served = served
 
     def render(self) -> bytes:
@@ -85,6 +87,7 @@ class Metrics:
             self.queue.labels(name).set(st["waiting"])
             self.running.labels(name).set(st["running"])
             self.slots.labels(name).set(st["slots"])
+            self.reused.labels(name).set(st["prefix_reused_tokens"])
         return generate_latest(self.registry)
 
 

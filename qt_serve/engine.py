@@ -14,7 +14,9 @@ server stays responsive). Each loop iteration the scheduler
 Running requests always occupy cache rows 0..B-1: when one finishes, the last row's keys
 and values move into the hole, so a decode step never computes rows nobody uses, and a
 lone request decodes exactly as `generate.LLM` does (batch-1 pays nothing for batching).
-Prefill and decode alternate rather than share one padded forward: on a CPU a padded
+A finished request's row keeps its keys/values: a new prompt that shares a prefix with
+what a free row holds (the same system prompt, a chat's growing history) prefills only
+the rest. Prefill and decode alternate rather than share one padded forward: on a CPU a padded
 prefill chunk would multiply every decode row's compute by the chunk length.
 """
 
@@ -53,10 +55,21 @@ class Request:
     params: SamplingParams
     emit: Callable[[Delta], None]  # called from the worker thread, once per delta
     seq: Sequence | None = None  # decoding state, made at admission
+    cached: list[int] = field(default_factory=list)  # tokens whose keys/values its cache row holds
     cancelled: bool = False
     done: bool = False
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+
+
+def prefix_len(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of a and b, at most `limit`."""
+    n = 0
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
 
 
 class Engine:
@@ -74,6 +87,10 @@ class Engine:
         self.eos_ids = eos_ids_of(ckpt)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # running[i] owns cache row i
+        # Tokens whose keys/values each free row still holds, so a new prompt sharing a prefix
+        # (a system prompt, a chat's history) skips prefilling it.
+        self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]
+        self.reused_tokens = 0
         self.cond = threading.Condition()
         self.accepting = True
         self.stopped = False
@@ -141,7 +158,8 @@ class Engine:
 
     def stats(self) -> dict:
         with self.cond:
-            return {"running": len(self.running), "waiting": len(self.waiting), "slots": self.max_batch}
+            return {"running": len(self.running), "waiting": len(self.waiting), "slots": self.max_batch,
+                    "prefix_reused_tokens": self.reused_tokens}
 
     def shutdown(self, cancel_running: bool = False, timeout: float | None = None) -> None:
         """Stop admitting; finish (or cancel) what is in flight; stop the worker."""
@@ -185,6 +203,7 @@ class Engine:
                 self._decode()
             except Exception as e:  # a bug or OOM: fail the requests in flight, keep serving
                 for req in list(self.running):
+                    req.cached = []  # its row may be half-written
                     self._finish(req, Delta("", finish_reason="error"), error=e)
             with self.cond:
                 self._drop_finished()
@@ -206,27 +225,49 @@ class Engine:
                 i += 1
                 continue
             last = len(self.running) - 1
+            tail = self.running[last]
             if i != last:
-                n = self.running[last].seq.pos + 1
-                self.cache.k[:, i, :, :n] = self.cache.k[:, last, :, :n]
-                self.cache.v[:, i, :, :n] = self.cache.v[:, last, :, :n]
-                self.running[i] = self.running[last]
+                self._copy_row(last, i, len(tail.cached))
+                self.running[i] = tail
+            self.row_tokens[last] = list(tail.cached)  # the freed row keeps tail's keys/values
             self.running.pop()
+
+    def _copy_row(self, src: int, dst: int, n: int) -> None:
+        self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]
+        self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]
 
     def _finish(self, req: Request, delta: Delta, error: Exception | None = None) -> None:
         req.done = True
         if error is not None:
             delta.text = f"internal error: {error}"
-        req.emit(delta)
+        self._emit(req, delta)
+
+    def _emit(self, req: Request, delta: Delta) -> None:
+        try:
+            req.emit(delta)
+        except Exception:  # the client's event loop is gone (closed, crashed): nobody is listening
+            req.cancelled = True
 
     def _prefill(self, req: Request) -> None:
         row = self.running.index(req)
         req.seq = Sequence(req.prompt, req.params, self.config.vocab_size, self.eos_ids, self.tokenizer,
                            self.max_seq_len, self.device)
         n = len(req.prompt)
-        idx = torch.tensor([req.prompt], device=self.device)
-        pos = torch.arange(n, device=self.device)[None]
-        logits = self.model(idx, pos, self.cache.rows(row, 1), logit_index=torch.tensor([n - 1], device=self.device))
+        # Reuse the longest cached prefix among this row and the free rows (always run ≥ 1 token for logits).
+        best, start = row, 0
+        for r in [row, *range(len(self.running), self.max_batch)]:
+            common = prefix_len(self.row_tokens[r], req.prompt, n - 1)
+            if common > start:
+                best, start = r, common
+        if best != row:
+            self._copy_row(best, row, start)
+        self.row_tokens[row] = []  # being overwritten from `start` on; valid again once the request leaves
+        self.reused_tokens += start
+        idx = torch.tensor([req.prompt[start:]], device=self.device)
+        pos = torch.arange(start, n, device=self.device)[None]
+        logits = self.model(idx, pos, self.cache.rows(row, 1),
+                            logit_index=torch.tensor([n - start - 1], device=self.device))
+        req.cached = list(req.prompt)
         self._accept(req, logits[0, -1])
 
     def _decode(self) -> None:
@@ -239,6 +280,7 @@ class Engine:
         pos = torch.tensor([[r.seq.pos] for r in live], device=self.device)
         logits = self.model(idx, pos, self.cache.rows(0, len(live)))  # (B, 1, vocab)
         for req, row in zip(live, logits[:, -1]):
+            req.cached.append(req.seq.tokens[-1])
             self._accept(req, row)
 
     def _accept(self, req: Request, logits: torch.Tensor) -> None:
@@ -251,4 +293,4 @@ class Engine:
         if req.seq.done:
             self._finish(req, delta)
         else:
-            req.emit(delta)
+            self._emit(req, delta)
