@@ -1,21 +1,34 @@
-"""`qt-bench decode`: batch-1 decode speed of qt against HF `transformers.generate`, same weights, same run.
+"""`qt-bench`: qt against HF `transformers.generate`, same weights, same run.
 
-For each model: a 128-token prompt, 128 greedy new tokens, fp32. Reported per engine:
-time to first token (prefill + first sample), decode tokens/s after the first token,
-and the effective weight bandwidth (bytes of weights read per decoded token × tokens/s),
-with qt / HF ratios. Best of --runs, since a shared machine only ever adds noise.
+`decode`: batch-1 decode speed. For each model: a 128-token prompt, 128 greedy new tokens,
+fp32. Reported per engine: time to first token (prefill + first sample), decode tokens/s
+after the first token, and the effective weight bandwidth (bytes of weights read per
+decoded token × tokens/s), with qt / HF ratios. Best of --runs, since a shared machine
+only ever adds noise.
+
+`serve`: the HTTP server under load. --requests seeded random token-id prompts go through
+streaming /v1/completions at each --concurrency (a closed loop: that many clients, each
+sending its next request when the last one ends), then one at a time through HF
+`generate`. Reported: aggregate output tokens/s (all tokens / wall time of the level) and
+p50/p99 TTFT, with ratios to HF. Targets on 2 cores: ≥ 4× HF throughput at concurrency 16,
+TTFT no worse than HF at concurrency 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qt_serve.config import ModelConfig
+from qt_serve.hub import DEFAULT_MODEL
 
 CONFIGS = {
     # random-weight Llama shapes around the sizes in DESIGN.md's reference table
@@ -127,6 +140,164 @@ def decode(args) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def serving(app):
+    """`app` under uvicorn on a free loopback port, in a thread of this process; yields its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the benchmark server failed to start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True  # the app's lifespan then stops the engine
+        thread.join(30)
+
+
+def ttft_stats(ttfts: list[float | None]) -> dict:
+    """p50/p99 of the TTFTs in seconds; None where a request streamed no text to time."""
+    if None in ttfts:
+        return {"ttft_p50_s": None, "ttft_p99_s": None}
+    p50, p99 = np.percentile(ttfts, [50, 99])
+    return {"ttft_p50_s": float(p50), "ttft_p99_s": float(p99)}
+
+
+async def stream_one(client, model: str, prompt: list[int], new_tokens: int) -> float | None:
+    """One streaming /v1/completions request; returns its TTFT, the seconds to the first chunk with text.
+
+    None when no chunk has text: the server streams only text, so for a model without a
+    tokenizer the one chunk that arrives is the last and the first token cannot be timed."""
+    start = time.perf_counter()
+    ttft, usage = None, None
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].text:
+            ttft = time.perf_counter() - start
+        usage = chunk.usage or usage
+    assert usage.completion_tokens == new_tokens, usage
+    return ttft
+
+
+async def load_level(url: str, model: str, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict:
+    """All `prompts` through the server by `concurrency` clients in a closed loop."""
+    import openai
+
+    ttfts = []
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+        todo = iter(prompts)  # shared: each client takes the next prompt as soon as its last request ends
+
+        async def user():
+            for prompt in todo:
+                ttfts.append(await stream_one(client, model, prompt, new_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"concurrency": concurrency, "wall_s": wall, "tok_s": len(prompts) * new_tokens / wall,
+            **ttft_stats(ttfts)}
+
+
+def hf_sequential(hf, prompts: list[list[int]], new_tokens: int) -> dict:
+    """The same requests one at a time through HF generate; TTFT is a separate max_new_tokens=1 generate."""
+    time_hf(hf, prompts[0][:16], 4)  # warm-up: allocator, thread pool, lazy init
+    runs = [time_hf(hf, p, new_tokens) for p in prompts]
+    wall = sum(first + rest for first, rest in runs)  # time_hf's `rest` is the full generate minus `first`
+    return {"concurrency": 1, "wall_s": wall, "tok_s": len(prompts) * new_tokens / wall,
+            **ttft_stats([first for first, _ in runs])}
+
+
+def print_level(engine: str, r: dict) -> None:
+    def ms(s):
+        return "      n/a" if s is None else f"{s * 1e3:6.0f} ms"
+
+    line = (f"{engine:>12} c={r['concurrency']:<3} | {r['tok_s']:7.1f} tok/s | TTFT p50 {ms(r['ttft_p50_s'])} "
+            f"p99 {ms(r['ttft_p99_s'])}")
+    if "throughput_ratio" in r:
+        line += f" | tok/s ×{r['throughput_ratio']:.2f} HF"
+    if "ttft_ratio" in r:
+        line += f", TTFT ×{r['ttft_ratio']:.2f} HF"
+    print(line, flush=True)
+
+
+def plot_serve(result: dict, path: Path) -> None:
+    """Throughput and TTFT against concurrency, HF's sequential numbers as horizontal lines."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
+
+    levels, hf = result["levels"], result["hf"]
+    conc = [r["concurrency"] for r in levels]
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    fig.suptitle(f"qt-serve {result['model']}: prompt {result['prompt']}, {result['new_tokens']} new tokens, "
+                 f"{result['requests']} requests per level, max batch {result['max_batch']}, "
+                 f"{result['threads']} threads")
+    tput, ttft = fig.subplots(1, 2)
+    tput.plot(conc, [r["tok_s"] for r in levels], "o-", label="qt-serve")
+    tput.axhline(hf["tok_s"], color="gray", ls="--", label="HF generate, one at a time")
+    tput.set(ylabel="aggregate output tokens/s", ylim=(0, None))
+    tput.legend()
+    if levels[0]["ttft_p50_s"] is None:  # see stream_one
+        ttft.text(0.5, 0.5, "qt TTFT not measurable: without a tokenizer\nthe server streams no text",
+                  ha="center", transform=ttft.transAxes)
+    else:
+        for key, mark, ls in (("ttft_p50_s", "o", "-"), ("ttft_p99_s", "s", ":")):
+            label = key.split("_")[1]
+            ttft.plot(conc, [r[key] * 1e3 for r in levels], marker=mark, ls=ls, color="C0",
+                      label=f"qt-serve {label}")
+            ttft.axhline(hf[key] * 1e3, color="gray", ls=ls, label=f"HF generate {label}")
+        ttft.set(ylabel="TTFT (ms)", yscale="log")  # p99 under queueing is seconds, p50 alone tens of ms
+        ttft.yaxis.set_major_formatter(ScalarFormatter())
+        ttft.yaxis.set_minor_formatter(ScalarFormatter())
+        ttft.legend()
+    for ax in (tput, ttft):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(conc, [str(c) for c in conc])
+        ax.set_xlabel("concurrent clients")
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120)
+
+
+def serve(args) -> dict:
+    from qt_serve.api import Served, create_app
+    from qt_serve.engine import Engine
+
+    torch.set_grad_enabled(False)
+    ckpt = load_model(args.model)
+    hf = hf_twin(ckpt)  # before the engine exists: it swaps the qt model's Linears in place (fast.py)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, ckpt.config.vocab_size, (args.requests, args.prompt), generator=g).tolist()
+    print(f"{args.model}: {args.requests} requests per level, prompt {args.prompt}, {args.new_tokens} new tokens, "
+          f"max batch {args.max_batch}, {torch.get_num_threads()} threads", flush=True)
+    base = hf_sequential(hf, prompts, args.new_tokens)
+    print_level("HF generate", base)
+    result = {"model": args.model, "threads": torch.get_num_threads(), "prompt": args.prompt,
+              "new_tokens": args.new_tokens, "requests": args.requests, "max_batch": args.max_batch,
+              "hf": base, "levels": []}
+    # The KV cache is max_batch rows of exactly one request's length: the model's own context would be wasted RAM.
+    engine = Engine(ckpt, max_batch=args.max_batch, max_seq_len=args.prompt + args.new_tokens)
+    with serving(create_app({args.model: Served(args.model, engine, int(time.time()))})) as url:
+        asyncio.run(load_level(url, args.model, [prompts[0][:16]], 4, 1))  # warm-up, as for HF
+        for c in args.concurrency:
+            r = asyncio.run(load_level(url, args.model, prompts, args.new_tokens, c))
+            r["throughput_ratio"] = r["tok_s"] / base["tok_s"]
+            if c == 1 and r["ttft_p50_s"] is not None:
+                r["ttft_ratio"] = base["ttft_p50_s"] / r["ttft_p50_s"]  # > 1: qt answers first
+            result["levels"].append(r)
+            print_level("qt-serve", r)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        plot_serve(result, out.with_suffix(".png"))
+    return result
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qt-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +310,21 @@ def main(argv=None) -> int:
     d.add_argument("--runs", type=int, default=3)
     d.add_argument("--threads", type=int, default=torch.get_num_threads())
     d.add_argument("--out", default=None, help="write the results as JSON here")
+    d.set_defaults(run=decode)
+    s = sub.add_parser("serve", help="HTTP server tokens/s and TTFT under concurrent clients, vs HF generate")
+    s.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"random config ({', '.join(CONFIGS)}: token ids only, so no TTFT), checkpoint dir, "
+                        ".gguf file or known name")
+    s.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients, one level each")
+    s.add_argument("--requests", type=int, default=32, help="requests per level, at least 2x each concurrency")
+    s.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    s.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (EOS ignored)")
+    s.add_argument("--max-batch", type=int, default=16, help="the engine's KV slots (requests decoded together)")
+    s.add_argument("--out", default=None, help="write the results as JSON here, and a plot next to it (.png)")
+    s.set_defaults(run=serve)
     args = ap.parse_args(argv)
-    decode(args)
+    if args.command == "serve" and args.requests < 2 * max(args.concurrency):
+        # fewer and the top level is one wave of simultaneous arrivals, not a steady load
+        s.error(f"--requests must be at least 2 x the largest --concurrency ({2 * max(args.concurrency)})")
+    args.run(args)
     return 0

@@ -1,0 +1,126 @@
+"""Soak test: qt-serve under sustained concurrent streaming load with random client cancellations.
+
+    python benchmarks/soak.py [--model SmolLM2-135M-Instruct] [--seconds 300] [--concurrency 16]
+
+Starts `qt-serve` as a subprocess on loopback, then `--concurrency` clients stream
+/v1/completions back to back until the time is up; about a quarter of them hang up after
+a random number of chunks. Passes (exit 0) when every response was a 200, no KV slot is
+held and nothing is queued at the end (read from /metrics), and the server's RSS grew by
+less than 5% between the end of the warm-up and the end of the run. Traffic stays on
+127.0.0.1, bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import random
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = ["Tell me about the sea.", "Which city is the capital of France?", "Write a short poem about autumn.",
+           "Explain what a transformer model is.", "Give me three tips for learning Python.", "What is 12 times 7?"]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def gauge(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+
+async def client(url: str, model: str, deadline: float, rng: random.Random, stats: collections.Counter):
+    async with httpx.AsyncClient(timeout=120) as http:
+        while time.monotonic() < deadline:
+            body = {"model": model, "prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(8, 64),
+                    "temperature": 0.8, "stream": True}
+            hang_up_after = rng.randint(1, 10) if rng.random() < 0.25 else None
+            async with http.stream("POST", url + "/v1/completions", json=body) as r:
+                stats[f"status {r.status_code}"] += 1
+                chunks = 0
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        chunks += 1
+                        stats["chunks"] += 1
+                        if '"error"' in line:
+                            stats["stream errors"] += 1
+                    if hang_up_after is not None and chunks >= hang_up_after:
+                        stats["cancelled"] += 1
+                        break
+                    if line == "data: [DONE]":
+                        stats["completed"] += 1
+
+
+async def run(url: str, model: str, seconds: float, concurrency: int, seed: int) -> collections.Counter:
+    stats: collections.Counter = collections.Counter()
+    deadline = time.monotonic() + seconds
+    await asyncio.gather(*[client(url, model, deadline, random.Random(seed + i), stats) for i in range(concurrency)])
+    return stats
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--seconds", type=float, default=300)
+    ap.add_argument("--warmup", type=float, default=30)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="out/soak.json")
+    args = ap.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "qt_serve.cli_serve", "--model", f"m={args.model}",
+                               "--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", "256",
+                               "--max-model-len", "1024", "--log-level", "warning"])
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        asyncio.run(run(url, "m", args.warmup, args.concurrency, args.seed + 1000))
+        rss_start = rss_mb(server.pid)
+        start = time.monotonic()
+        stats = asyncio.run(run(url, "m", args.seconds, args.concurrency, args.seed))
+        elapsed = time.monotonic() - start
+        time.sleep(1.0)  # let the engine free the last rows
+        metrics = httpx.get(url + "/metrics").text
+        rss_end = rss_mb(server.pid)
+    finally:
+        server.terminate()
+        code = server.wait(timeout=60)
+    result = {
+        "model": args.model, "seconds": round(elapsed, 1), "concurrency": args.concurrency, **stats,
+        "non_200": sum(v for k, v in stats.items() if k.startswith("status ") and k != "status 200"),
+        "slots_in_use_at_end": gauge(metrics, "qt_kv_slots_in_use"), "queued_at_end": gauge(metrics, "qt_queue_depth"),
+        "rss_mb_after_warmup": round(rss_start, 1), "rss_mb_end": round(rss_end, 1),
+        "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2), "server_exit_code": code,
+    }
+    ok = (result["non_200"] == 0 and not stats["stream errors"] and result["slots_in_use_at_end"] == 0
+          and result["queued_at_end"] == 0 and result["rss_growth_pct"] < 5 and code == 0)
+    result["passed"] = ok
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
