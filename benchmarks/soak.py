@@ -6,7 +6,8 @@ Starts `qt-serve` as a subprocess on loopback, then `--concurrency` clients stre
 /v1/completions back to back until the time is up; about a quarter of them hang up after
 a random number of chunks. Passes (exit 0) when every response was a 200, no KV slot is
 held and nothing is queued at the end (read from /metrics), and the server's RSS grew by
-less than 5% between the end of the warm-up and the end of the run. Traffic stays on
+less than 5% between the end of the warm-up and the end of the run, and its log holds no
+traceback. Traffic stays on
 127.0.0.1, bounded in time.
 """
 
@@ -84,9 +85,12 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
+    log_path = Path(args.out).with_suffix(".server.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("w")
     server = subprocess.Popen([sys.executable, "-m", "qt_serve.cli_serve", "--model", f"m={args.model}",
                                "--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", "256",
-                               "--max-model-len", "1024", "--log-level", "warning"])
+                               "--max-model-len", "1024", "--log-level", "warning"], stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -112,9 +116,11 @@ def main() -> int:
         "slots_in_use_at_end": gauge(metrics, "qt_kv_slots_in_use"), "queued_at_end": gauge(metrics, "qt_queue_depth"),
         "rss_mb_after_warmup": round(rss_start, 1), "rss_mb_end": round(rss_end, 1),
         "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2), "server_exit_code": code,
+        "server_tracebacks": log_path.read_text().count("Traceback"), "server_log": str(log_path),
     }
     ok = (result["non_200"] == 0 and not stats["stream errors"] and result["slots_in_use_at_end"] == 0
-          and result["queued_at_end"] == 0 and result["rss_growth_pct"] < 5 and code == 0)
+          and result["queued_at_end"] == 0 and result["rss_growth_pct"] < 5 and code == 0
+          and result["server_tracebacks"] == 0)
     result["passed"] = ok
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -253,10 +253,11 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
                     left -= 1
                 yield i, d
         finally:
+            # Cancelling a pump raises inside its engine stream, whose own cleanup cancels the
+            # request and frees its KV row; wait for that rather than closing generators in use.
             for t in tasks:
                 t.cancel()
-            for st in streams:
-                await st.aclose()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def per_choice(params: SamplingParams, n: int) -> list[SamplingParams]:
         # n choices with a seed: seed, seed+1, ... so they differ yet each repeats exactly.

@@ -139,7 +139,7 @@ def slots_in_use(url) -> float:
     return float(m.group(1))
 
 
-def test_client_disconnect_frees_slot(server):
+def test_client_disconnect_frees_slot(server, caplog):
     body = {"model": "tiny", "prompt": "To be", "max_tokens": 100, "ignore_eos": True, "stream": True,
             "temperature": 0}
     with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
@@ -151,6 +151,7 @@ def test_client_disconnect_frees_slot(server):
         time.sleep(0.05)
     assert slots_in_use(server.url) == 0
     assert server.served["tiny"].engine.stats()["running"] == 0
+    assert not [r for r in caplog.records if r.levelno >= 40], "the hang-up was logged as an error"
 
 
 def error_of(r, status):
