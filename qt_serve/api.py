@@ -344,34 +344,17 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
                                      for t, v in (c.top or [])]}
 
         if req.stream:
-            async def events():
-                finish = None
-                try:
-                    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.name}
-                    for i in range(req.n):
-                        yield sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                        "finish_reason": None}]})
-                    async for i, d in deltas:
-                        if d.token is not None:
-                            tracker.token()
-                        if not d.text and d.finish_reason is None:
-                            continue  # a held-back partial character or stop-string prefix
-                        choice = {"index": i, "delta": {"content": d.text} if d.text else {},
-                                  "finish_reason": d.finish_reason}
-                        if lp is not None and d.token is not None:
-                            choice["logprobs"] = {"content": [logprob_entry(d)]}
-                        finish = d.finish_reason or finish
-                        yield sse({**base, "choices": [choice]})
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield sse({**base, "choices": [], "usage": usage(tracker).model_dump()})
-                    yield "data: [DONE]\n\n"
-                except QtError as e:
-                    yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-                    yield "data: [DONE]\n\n"
-                finally:
-                    tracker.done(finish)
+            def chunk(i: int, d: Delta) -> dict:
+                c = {"index": i, "delta": {"content": d.text} if d.text else {}, "finish_reason": d.finish_reason}
+                if lp is not None and d.token is not None:
+                    c["logprobs"] = {"content": [logprob_entry(d)]}
+                return c
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.name}
+            roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                     for i in range(req.n)]
+            return StreamingResponse(sse_events(base, roles, deltas, chunk, tracker, req.stream_options),
+                                     media_type="text/event-stream")
 
         texts, finish, logprobs = [[] for _ in range(req.n)], [None] * req.n, [[] for _ in range(req.n)]
         async for i, d in deltas:
@@ -386,6 +369,30 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
         return ChatCompletion(id=rid, created=created, model=s.name, usage=usage(tracker), choices=[
             ChatChoice(index=i, message={"role": "assistant", "content": "".join(texts[i])}, finish_reason=finish[i],
                        logprobs={"content": logprobs[i]} if lp is not None else None) for i in range(req.n)])
+
+    async def sse_events(base: dict, first: list[dict], deltas, chunk, tracker: Tracker, options
+                         ) -> AsyncIterator[str]:
+        """One streamed response: the `first` choices, a chunk per delta that adds text or ends a choice,
+        the usage chunk when asked, then [DONE]; an engine error mid-stream becomes an error event."""
+        finish = None
+        try:
+            for choice in first:
+                yield sse({**base, "choices": [choice]})
+            async for i, d in deltas:
+                if d.token is not None:
+                    tracker.token()
+                if not d.text and d.finish_reason is None:
+                    continue  # a held-back partial character or stop-string prefix
+                finish = d.finish_reason or finish
+                yield sse({**base, "choices": [chunk(i, d)]})
+            if options and options.include_usage:
+                yield sse({**base, "choices": [], "usage": usage(tracker).model_dump()})
+            yield "data: [DONE]\n\n"
+        except QtError as e:
+            yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+            yield "data: [DONE]\n\n"
+        finally:
+            tracker.done(finish)
 
     def usage(t: Tracker) -> Usage:
         return Usage(prompt_tokens=t.prompt_tokens, completion_tokens=t.tokens,
@@ -421,33 +428,15 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
             if score_only:
                 raise APIError(400, "stream with max_tokens 0 has nothing to stream", param="stream")
 
-            async def events():
-                finish = None
-                try:
-                    base = {"id": rid, "object": "text_completion", "created": created, "model": s.name}
-                    for i, e in enumerate(echo):
-                        if e is not None:
-                            yield sse({**base, "choices": [{"index": i, "text": e["text"], "finish_reason": None,
-                                                            "logprobs": e["logprobs"]}]})
-                    async for i, d in fan_in(s, jobs, params, rid):
-                        if d.token is not None:
-                            tracker.token()
-                        if not d.text and d.finish_reason is None:
-                            continue
-                        finish = d.finish_reason or finish
-                        yield sse({**base, "choices": [{"index": i, "text": d.text, "finish_reason": d.finish_reason,
-                                                        "logprobs": legacy_logprobs(s, [d]) if req.logprobs is not None
-                                                        else None}]})
-                    if req.stream_options and req.stream_options.include_usage:
-                        yield sse({**base, "choices": [], "usage": usage(tracker).model_dump()})
-                    yield "data: [DONE]\n\n"
-                except QtError as e:
-                    yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
-                    yield "data: [DONE]\n\n"
-                finally:
-                    tracker.done(finish)
+            def chunk(i: int, d: Delta) -> dict:
+                return {"index": i, "text": d.text, "finish_reason": d.finish_reason,
+                        "logprobs": legacy_logprobs(s, [d]) if req.logprobs is not None else None}
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            base = {"id": rid, "object": "text_completion", "created": created, "model": s.name}
+            echoes = [{"index": i, "text": e["text"], "finish_reason": None, "logprobs": e["logprobs"]}
+                      for i, e in enumerate(echo) if e is not None]
+            return StreamingResponse(sse_events(base, echoes, fan_in(s, jobs, params, rid), chunk, tracker,
+                                                req.stream_options), media_type="text/event-stream")
 
         texts, finish, got = [[] for _ in jobs], ["length"] * len(jobs), [[] for _ in jobs]
         if not score_only:

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qt_serve.config import ModelConfig
-from qt_serve.errors import QtError
+from qt_serve.errors import QtError, read_json
 from qt_serve.model import Transformer, rope_tables
 from qt_serve.tokenizer import Tokenizer
 
@@ -164,13 +164,7 @@ def load_dir(directory: str | Path, dtype: torch.dtype | None = None, device="cp
     cfg = ModelConfig.load(directory / "config.json")
     model = build_model(cfg, _read_tensors(directory), str(directory), dtype, device, max_seq_len)
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
-    gen = {}
-    gpath = directory / "generation_config.json"
-    if gpath.exists():
-        try:
-            gen = json.loads(gpath.read_text())
-        except json.JSONDecodeError as e:
-            raise QtError(f"{gpath} is not valid JSON: {e}") from None
+    gen = read_json(directory / "generation_config.json", missing={})
     return Checkpoint(model, tokenizer, gen, str(directory))
 
 

@@ -15,7 +15,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from qt_serve.errors import QtError
+from qt_serve.errors import QtError, read_json
 
 
 def _raise(message):
@@ -99,13 +99,7 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises plain Exception subclasses
             raise QtError(f"{path} is not a valid tokenizer file: {e}") from None
-        config = {}
-        cpath = directory / "tokenizer_config.json"
-        if cpath.exists():
-            try:
-                config = json.loads(cpath.read_text())
-            except json.JSONDecodeError as e:
-                raise QtError(f"{cpath} is not valid JSON: {e}") from None
+        config = read_json(directory / "tokenizer_config.json", missing={})
         if "chat_template" not in config and (directory / "chat_template.jinja").exists():
             config["chat_template"] = (directory / "chat_template.jinja").read_text()
         return cls(tok, config)
