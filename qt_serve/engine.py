@@ -183,8 +183,8 @@ class Engine:
 
     # ---- worker thread -------------------------------------------------------------
 
+    @torch.inference_mode()
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
         while True:
             with self.cond:
                 while not (self.waiting or self.running or self.stopped):
