@@ -34,6 +34,16 @@ from qt_serve.sampling import SamplingParams
 log = logging.getLogger("qt_serve.api")
 
 
+FAILED = ("error", "timeout")  # engine finish reasons that are failures, not OpenAI finish_reasons
+
+
+def failure(d: Delta) -> APIError:
+    if d.finish_reason == "timeout":
+        return APIError(504, "the request ran past the server's time limit (--request-timeout)", "timeout_error",
+                        code="request_timeout")
+    return APIError(500, d.text or "internal error", "server_error")
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict | None = None):
@@ -123,7 +133,7 @@ def sse(obj) -> str:
 
 
 def load_served(specs: list[str], dtype=None, device="cpu", max_seq_len=None, max_batch=8,
-                max_queue=64) -> dict[str, Served]:
+                max_queue=64, request_timeout: float | None = None) -> dict[str, Served]:
     """`[NAME=]SPEC` strings -> loaded models, each behind its own engine."""
     from pathlib import Path
 
@@ -135,8 +145,9 @@ def load_served(specs: list[str], dtype=None, device="cpu", max_seq_len=None, ma
         if name in served:
             raise QtError(f"two models are named {name!r}; name them with --model NAME=SPEC")
         ckpt = checkpoint.load(path, dtype=dtype, device=device, max_seq_len=max_seq_len)
-        served[name] = Served(name, Engine(ckpt, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len),
-                              int(time.time()))
+        engine = Engine(ckpt, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
+                        request_timeout=request_timeout)
+        served[name] = Served(name, engine, int(time.time()))
         log.info("serving %s from %s (context %d, %d slots)", name, path, served[name].engine.max_seq_len, max_batch)
     return served
 
@@ -381,6 +392,8 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
             async for i, d in deltas:
                 if d.token is not None:
                     tracker.token()
+                if d.finish_reason in FAILED:
+                    raise failure(d)
                 if not d.text and d.finish_reason is None:
                     continue  # a held-back partial character or stop-string prefix
                 finish = d.finish_reason or finish
@@ -388,8 +401,9 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
             if options and options.include_usage:
                 yield sse({**base, "choices": [], "usage": usage(tracker).model_dump()})
             yield "data: [DONE]\n\n"
-        except QtError as e:
-            yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        except (QtError, APIError) as e:
+            e = e if isinstance(e, APIError) else APIError(500, str(e), "server_error")
+            yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
             yield "data: [DONE]\n\n"
         finally:
             tracker.done(finish)
@@ -400,8 +414,8 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
 
     def check_errors(finish, texts):
         for f, t in zip(finish, texts):
-            if f == "error":
-                raise APIError(500, "".join(t), "server_error")
+            if f in FAILED:
+                raise failure(Delta("".join(t), finish_reason=f))
 
     @app.post("/v1/completions", response_model=Completion)
     async def completions(req: CompletionRequest):

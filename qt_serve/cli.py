@@ -129,6 +129,8 @@ def serve_main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $QT_API_KEY)")
     ap.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    ap.add_argument("--request-timeout", type=float, default=None,
+                    help="seconds a request may take, queueing included; past it: HTTP 504 (default: no limit)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = ap.parse_args(argv)
     return run(lambda: serve(args))
@@ -145,7 +147,8 @@ def serve(args) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     served = load_served(args.model or [DEFAULT_MODEL], dtype=args.dtype, device=args.device,
-                         max_seq_len=args.max_model_len, max_batch=args.max_batch, max_queue=args.max_queue)
+                         max_seq_len=args.max_model_len, max_batch=args.max_batch, max_queue=args.max_queue,
+                         request_timeout=args.request_timeout)
     app = create_app(served, api_key=args.api_key or os.environ.get("QT_API_KEY"),
                      max_body_bytes=args.max_body_bytes)
     # SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight streams finish for up to 10 s, then

@@ -60,6 +60,7 @@ class Request:
     done: bool = False
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    deadline: float | None = None  # perf_counter time past which it is dropped ("timeout")
 
 
 def prefix_len(a: list[int], b: list[int], limit: int) -> int:
@@ -74,7 +75,7 @@ def prefix_len(a: list[int], b: list[int], limit: int) -> int:
 
 class Engine:
     def __init__(self, ckpt: Checkpoint, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
-                 optimize: bool = True):
+                 optimize: bool = True, request_timeout: float | None = None):
         self.ckpt = ckpt
         self.tokenizer = ckpt.tokenizer
         self.model = fast.optimize_for_decode(ckpt.model) if optimize else ckpt.model
@@ -83,7 +84,7 @@ class Engine:
         p = next(self.model.parameters())
         self.device = p.device
         self.cache = KVCache(self.config, max_batch, self.max_seq_len, dtype=p.dtype, device=p.device)
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.request_timeout = max_batch, max_queue, request_timeout
         self.eos_ids = eos_ids_of(ckpt)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # running[i] owns cache row i
@@ -116,6 +117,8 @@ class Engine:
                request_id: str | None = None) -> Request:
         self.validate(prompt, params)
         req = Request(request_id or f"req-{next(self.ids)}", list(prompt), params, emit)
+        if self.request_timeout is not None:  # time in the queue counts: the client is waiting through it
+            req.deadline = req.arrival + self.request_timeout
         with self.cond:
             if not self.accepting:
                 raise EngineStopped("the server is shutting down and accepts no new requests")
@@ -210,11 +213,17 @@ class Engine:
                 self.cond.notify_all()
 
     def _drop_cancelled(self) -> None:
-        for req in [r for r in self.waiting if r.cancelled]:
-            self.waiting.remove(req)
-            self._finish(req, Delta("", finish_reason="cancelled"))
-        for req in [r for r in self.running if r.cancelled and not r.done]:
-            self._finish(req, req.seq.cancel() if req.seq else Delta("", finish_reason="cancelled"))
+        now = time.perf_counter()
+        for req in list(self.waiting) + self.running:
+            late = req.deadline is not None and now > req.deadline
+            if req.done or not (req.cancelled or late):
+                continue
+            if req in self.waiting:
+                self.waiting.remove(req)
+            delta = req.seq.cancel() if req.seq else Delta("", finish_reason="cancelled")
+            if late and not req.cancelled:
+                delta.finish_reason = "timeout"
+            self._finish(req, delta)
         self._drop_finished()
 
     def _drop_finished(self) -> None:

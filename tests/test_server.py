@@ -33,7 +33,7 @@ class Server:
 
 def start(ckpt, **app_kw):
     served = load_served([f"tiny={ckpt}", f"tiny2={ckpt}"], max_seq_len=CTX, max_batch=4,
-                         max_queue=app_kw.pop("max_queue", 64))
+                         max_queue=app_kw.pop("max_queue", 64), request_timeout=app_kw.pop("request_timeout", None))
     return Server(create_app(served, **app_kw)), served
 
 
@@ -260,3 +260,21 @@ def test_sigterm_finishes_streams_and_exits_0(ckpt):
         assert "model=tiny" in out and "completion_tokens=60" in out  # the per-request log line
     finally:
         proc.kill()
+
+
+def test_request_timeout(ckpt):
+    srv, served = start(ckpt, request_timeout=0.02)
+    try:
+        body = {"model": "tiny", "prompt": "To be", "max_tokens": 100, "ignore_eos": True}
+        assert "time limit" in error_of(httpx.post(srv.url + "/v1/completions", json=body), 504)
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line]
+        assert '"code": "request_timeout"' in events[-2] and events[-1] == "data: [DONE]"
+        deadline = time.time() + 5
+        while served["tiny"].engine.stats()["running"] and time.time() < deadline:
+            time.sleep(0.02)
+        assert served["tiny"].engine.stats()["running"] == 0
+    finally:
+        srv.stop()
+        for s in served.values():
+            s.engine.shutdown()
