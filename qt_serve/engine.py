@@ -6,18 +6,17 @@
 
 One worker thread owns the model and the cache (torch releases the GIL, so the asyncio
 server stays responsive). Each loop iteration the scheduler
-  1. drops cancelled requests (client gone, time-out) and frees their KV rows at once;
-  2. admits waiting requests into free rows and prefills each (a new request joins the
-     running batch between two decode steps: continuous batching);
-  3. runs one decode step for every running request together: a (B, 1) forward, each row
-     at its own position, then per-request sampling.
+  1. drops cancelled or timed-out requests and frees their KV rows at once;
+  2. admits waiting requests into free rows (continuous batching: a request joins the
+     running batch between two steps, and leaves it the step it finishes);
+  3. runs ONE forward for everybody: the next token of each decoding request plus up to
+     `prefill_chunk` prompt tokens of requests still prefilling, packed without padding
+     (model.RaggedBatch), then samples each request that produced logits.
 Running requests always occupy cache rows 0..B-1: when one finishes, the last row's keys
-and values move into the hole, so a decode step never computes rows nobody uses, and a
-lone request decodes exactly as `generate.LLM` does (batch-1 pays nothing for batching).
-A finished request's row keeps its keys/values: a new prompt that shares a prefix with
-what a free row holds (the same system prompt, a chat's growing history) prefills only
-the rest. Prefill and decode alternate rather than share one padded forward: on a CPU a padded
-prefill chunk would multiply every decode row's compute by the chunk length.
+and values move into the hole. A lone request decodes as a (1, 1) forward on row 0,
+exactly as `generate.LLM` does (batch-1 pays nothing for batching). A finished request's
+row keeps its keys/values: a new prompt that shares a prefix with what a free row holds
+(the same system prompt, a chat's growing history) prefills only the rest.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from qt_serve import fast
 from qt_serve.checkpoint import Checkpoint
 from qt_serve.errors import QtError
 from qt_serve.generate import Delta, Sequence, eos_ids_of
-from qt_serve.model import KVCache
+from qt_serve.model import KVCache, RaggedBatch
 from qt_serve.sampling import Sampler, SamplingParams
 
 
@@ -75,7 +74,7 @@ def prefix_len(a: list[int], b: list[int], limit: int) -> int:
 
 class Engine:
     def __init__(self, ckpt: Checkpoint, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
-                 optimize: bool = True, request_timeout: float | None = None):
+                 optimize: bool = True, request_timeout: float | None = None, prefill_chunk: int = 128):
         self.ckpt = ckpt
         self.tokenizer = ckpt.tokenizer
         self.model = fast.optimize_for_decode(ckpt.model) if optimize else ckpt.model
@@ -85,6 +84,7 @@ class Engine:
         self.device = p.device
         self.cache = KVCache(self.config, max_batch, self.max_seq_len, dtype=p.dtype, device=p.device)
         self.max_batch, self.max_queue, self.request_timeout = max_batch, max_queue, request_timeout
+        self.prefill_chunk = prefill_chunk
         self.eos_ids = eos_ids_of(ckpt)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # running[i] owns cache row i
@@ -195,15 +195,10 @@ class Engine:
                 if self.stopped and not (self.waiting or self.running):
                     return
                 self._drop_cancelled()
-                admitted = []
                 while self.waiting and len(self.running) < self.max_batch:
-                    req = self.waiting.popleft()
-                    self.running.append(req)
-                    admitted.append(req)
+                    self.running.append(self.waiting.popleft())
             try:
-                for req in admitted:
-                    self._prefill(req)
-                self._decode()
+                self._step()
             except Exception as e:  # a bug or OOM: fail the requests in flight, keep serving
                 for req in list(self.running):
                     req.cached = []  # its row may be half-written
@@ -257,40 +252,66 @@ class Engine:
         except Exception:  # the client's event loop is gone (closed, crashed): nobody is listening
             req.cancelled = True
 
-    def _prefill(self, req: Request) -> None:
+    def _start(self, req: Request) -> None:
+        """Set up a newly admitted request: its decoding state, and any cached prefix of its prompt."""
         row = self.running.index(req)
         req.seq = Sequence(req.prompt, req.params, self.config.vocab_size, self.eos_ids, self.tokenizer,
                            self.max_seq_len, self.device)
-        n = len(req.prompt)
         # Reuse the longest cached prefix among this row and the free rows (always run ≥ 1 token for logits).
         best, start = row, 0
         for r in [row, *range(len(self.running), self.max_batch)]:
-            common = prefix_len(self.row_tokens[r], req.prompt, n - 1)
+            common = prefix_len(self.row_tokens[r], req.prompt, len(req.prompt) - 1)
             if common > start:
                 best, start = r, common
         if best != row:
             self._copy_row(best, row, start)
         self.row_tokens[row] = []  # being overwritten from `start` on; valid again once the request leaves
         self.reused_tokens += start
-        idx = torch.tensor([req.prompt[start:]], device=self.device)
-        pos = torch.arange(start, n, device=self.device)[None]
-        logits = self.model(idx, pos, self.cache.rows(row, 1),
-                            logit_index=torch.tensor([n - start - 1], device=self.device))
-        req.cached = list(req.prompt)
-        self._accept(req, logits[0, -1])
+        req.cached = req.prompt[:start]
 
-    def _decode(self) -> None:
-        with self.cond:  # a prefill may have finished at once (e.g. max_tokens=1): re-pack rows first
+    def _step(self) -> None:
+        """One forward for every running request: a decode token each, plus prompt chunks of new ones.
+
+        Requests still prefilling get up to `prefill_chunk` prompt tokens in total per step, so
+        a long prompt never stalls the others' decoding for more than one chunk. When nobody
+        is prefilling the step is a plain (B, 1) batch; otherwise a RaggedBatch packs the
+        decode tokens and the chunks into one row, with no padding.
+        """
+        with self.cond:  # requests that finished at once (e.g. max_tokens=1) leave first
             self._drop_finished()
-        live = list(self.running)
-        if not live:
+        rows, positions, tokens, heads = [], [], [], []  # heads: (request, index of its last token)
+        budget = self.prefill_chunk
+        for row, req in enumerate(self.running):
+            if req.seq is None:
+                self._start(req)
+            fed = len(req.cached)
+            if fed < len(req.prompt):  # still prefilling
+                if budget == 0:
+                    continue
+                take = req.prompt[fed:fed + budget]
+                budget -= len(take)
+            else:
+                take = [req.seq.tokens[-1]]
+            rows.append(row)
+            positions.append(list(range(fed, fed + len(take))))
+            tokens.extend(take)
+            req.cached = req.cached + take
+            if len(req.cached) >= len(req.prompt):  # its last prompt token or a decode token: sample after it
+                heads.append((req, len(tokens) - 1))
+        if not rows:
             return
-        idx = torch.tensor([[r.seq.tokens[-1]] for r in live], device=self.device)
-        pos = torch.tensor([[r.seq.pos] for r in live], device=self.device)
-        logits = self.model(idx, pos, self.cache.rows(0, len(live)))  # (B, 1, vocab)
-        for req, row in zip(live, logits[:, -1]):
-            req.cached.append(req.seq.tokens[-1])
-            self._accept(req, row)
+        if all(len(p) == 1 for p in positions) and rows == list(range(len(rows))):
+            idx = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1): plain batched decode
+            pos = torch.tensor(positions, device=self.device)
+            logits = self.model(idx, pos, self.cache.rows(0, len(rows)))[:, 0]
+        else:
+            idx = torch.tensor([tokens], device=self.device)  # (1, N)
+            pos = torch.tensor([[p for ps in positions for p in ps]], device=self.device)
+            index = torch.tensor([[i for _, i in heads]], device=self.device)
+            logits = self.model(idx, pos, RaggedBatch(self.cache, rows, positions), logit_index=index)[0]
+            heads = [(req, j) for j, (req, _) in enumerate(heads)]
+        for req, i in heads:
+            self._accept(req, logits[i])
 
     def _accept(self, req: Request, logits: torch.Tensor) -> None:
         """Sample the next token of `req` and hand the delta to its client."""

@@ -152,7 +152,7 @@ class LLM:
         """Run ids at positions start.. through the model, extending the cache; last logits (vocab,)."""
         idx = torch.tensor([ids], device=self.device)
         pos = torch.arange(start, start + len(ids), device=self.device)[None]
-        logits = self.model(idx, pos, self.cache, logit_index=torch.tensor([len(ids) - 1], device=self.device))
+        logits = self.model(idx, pos, self.cache, logit_index=torch.tensor([[len(ids) - 1]], device=self.device))
         self.cached = self.cached[:start] + ids
         return logits[0, -1]
 

@@ -80,7 +80,7 @@ class KVCache:
 
     Static shapes: nothing is concatenated while decoding. Row b holds one sequence;
     position p of it lives at index p, so a row is reused by simply writing over it
-    (stale entries past a row's current position are masked out by `forward`).
+    (stale entries past a row's current position are masked out).
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
@@ -95,18 +95,73 @@ class KVCache:
         view.k, view.v, view.max_len = self.k[:, start:start + n], self.v[:, start:start + n], self.max_len
         return view
 
-    def update(self, layer: int, pos, k, v, length: int):
-        """Write k, v (B, Hkv, S, D) at positions pos (B, S); return this layer's first `length` entries."""
-        B = k.shape[0]
-        ck, cv = self.k[layer, :B], self.v[layer, :B]
+    def bind(self, pos) -> BatchAttention:
+        return BatchAttention(self, pos)
+
+
+class BatchAttention:
+    """Attention for one forward of a (B, S) batch whose row b is cache row b."""
+
+    def __init__(self, cache: KVCache, pos):
+        B, S = pos.shape
+        self.cache, self.pos = cache, pos
+        self.length = int(pos.max()) + 1  # attend over cache[:length]
+        self.mask = None
+        # One row whose keys are just these tokens from 0 (a fresh prefill) is plain causal,
+        # and one row decoding one token sees all of cache[:length]: neither needs a mask.
+        if B > 1 or (S > 1 and self.length != S):
+            # Key j is visible to a query at position p iff j ≤ p: causal within the new
+            # tokens, everything before them, nothing stale past a row's own length.
+            self.mask = torch.arange(self.length, device=pos.device) <= pos[:, None, :, None]  # (B, 1, S, L)
+
+    def __call__(self, layer: int, q, k, v):
+        """Write k, v (B, Hkv, S, D) into the cache at pos; attend q (B, H, S, D) over it."""
+        B, L = k.shape[0], self.length
+        ck, cv = self.cache.k[layer, :B], self.cache.v[layer, :B]
         if B == 1:
-            ck.index_copy_(2, pos[0], k)
-            cv.index_copy_(2, pos[0], v)
+            ck.index_copy_(2, self.pos[0], k)
+            cv.index_copy_(2, self.pos[0], v)
         else:
             rows = torch.arange(B, device=k.device)[:, None]
-            ck[rows, :, pos] = k.transpose(1, 2)  # indexed view is (B, S, Hkv, D)
-            cv[rows, :, pos] = v.transpose(1, 2)
-        return ck[:, :, :length], cv[:, :, :length]
+            ck[rows, :, self.pos] = k.transpose(1, 2)  # indexed view is (B, S, Hkv, D)
+            cv[rows, :, self.pos] = v.transpose(1, 2)
+        return F.scaled_dot_product_attention(q, ck[:, :, :L], cv[:, :, :L], attn_mask=self.mask,
+                                              is_causal=self.mask is None and q.shape[2] > 1,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+
+class RaggedBatch:
+    """Several sequences' new tokens in one row (1, N): segment i is cache row rows[i] at positions[i].
+
+    One forward then carries, say, one request's prefill chunk and every other request's
+    next decode token: the projections and MLP see N tokens, with no padding, and
+    attention runs per segment against that segment's own cache row.
+    """
+
+    def __init__(self, cache: KVCache, rows: list[int], positions: list[list[int]]):
+        self.cache, self.segments = cache, []
+        device, start = cache.k.device, 0
+        for row, pos in zip(rows, positions):
+            p = torch.tensor(pos, device=device)
+            n = pos[-1] + 1
+            # A lone decode token sees all of row[:n]; a fresh prefill (from position 0) is plain causal.
+            mask = None if len(pos) == 1 or pos[0] == 0 else (torch.arange(n, device=device) <= p[:, None])[None, None]
+            self.segments.append((row, start, start + len(pos), p, n, mask))  # mask (1, 1, S, n)
+            start += len(pos)
+
+    def bind(self, pos) -> RaggedBatch:
+        return self  # positions were given per segment
+
+    def __call__(self, layer: int, q, k, v):
+        out = []
+        for row, a, b, p, n, mask in self.segments:
+            ck, cv = self.cache.k[layer, row], self.cache.v[layer, row]  # (Hkv, T, D)
+            ck.index_copy_(1, p, k[0, :, a:b])
+            cv.index_copy_(1, p, v[0, :, a:b])
+            out.append(F.scaled_dot_product_attention(q[:, :, a:b], ck[None, :, :n], cv[None, :, :n], attn_mask=mask,
+                                                      is_causal=mask is None and b - a > 1,
+                                                      enable_gqa=q.shape[1] != k.shape[1]))
+        return torch.cat(out, dim=2)
 
 
 class Attention(nn.Module):
@@ -120,7 +175,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
 
-    def forward(self, x, cos, sin, pos, cache: KVCache | None, length: int, mask):
+    def forward(self, x, cos, sin, attend):
         B, S, _ = x.shape
         # (B, S, H*D) -> (B, H, S, D)
         q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
@@ -128,11 +183,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(self.layer, pos, k, v, length)  # now (B, Hkv, length, D)
-        # No mask means the keys are exactly these S tokens from position 0: plain causal attention.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and S > 1,
-                                           enable_gqa=self.n_kv != self.n_head)
+        if attend is None:  # no cache (training, full recompute): causal over these S tokens
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=self.n_kv != self.n_head)
+        else:  # the cache's attention: writes k, v, then attends over what the cache holds
+            y = attend(self.layer, q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))
 
 
@@ -155,8 +209,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos, cache, length, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, length, mask)
+    def forward(self, x, cos, sin, attend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -179,13 +233,13 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, idx, pos=None, cache: KVCache | None = None, logit_index=None):
+    def forward(self, idx, pos=None, cache: KVCache | RaggedBatch | None = None, logit_index=None):
         """idx, pos: (B, S) token ids and their positions -> logits (B, S, vocab).
 
         With a cache, the new keys/values are written at `pos` and each query attends
-        to every cached position ≤ its own. `logit_index` (B,) picks one position per
-        row (e.g. each prompt's last token), giving logits (B, 1, vocab) and skipping
-        the LM head elsewhere.
+        to every cached position ≤ its own (a `RaggedBatch` packs several sequences into
+        one row). `logit_index` (B, K) picks K positions per row (e.g. each prompt's last
+        token), giving logits (B, K, vocab) and skipping the LM head elsewhere.
         """
         B, S = idx.shape
         if pos is None:
@@ -193,18 +247,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(idx)
         cos = self.rope_cos[pos].unsqueeze(1).to(x.dtype)  # (B, 1, S, D): broadcast over heads
         sin = self.rope_sin[pos].unsqueeze(1).to(x.dtype)
-        length, mask = S, None
-        if cache is not None:
-            length = int(pos.max()) + 1  # attend over cache[:length]
-            # One row whose keys are just these tokens from 0 (a fresh prefill) is plain causal,
-            # and one row decoding one token sees all of cache[:length]: neither needs a mask.
-            if B > 1 or (S > 1 and length != S):
-                # Key j is visible to a query at position p iff j ≤ p: causal within the new
-                # tokens, everything before them, nothing stale past a row's own length.
-                mask = torch.arange(length, device=idx.device) <= pos[:, None, :, None]  # (B, 1, S, L)
+        attend = None if cache is None else cache.bind(pos)
         for block in self.model.layers:
-            x = block(x, cos, sin, pos, cache, length, mask)
+            x = block(x, cos, sin, attend)
         x = self.model.norm(x)
         if logit_index is not None:
-            x = x[torch.arange(B, device=x.device), logit_index].unsqueeze(1)
+            x = x[torch.arange(B, device=x.device)[:, None], logit_index]
         return self.lm_head(x)

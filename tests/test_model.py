@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from qt_serve import checkpoint
 from qt_serve.config import ModelConfig
-from qt_serve.model import KVCache, Transformer
+from qt_serve.model import KVCache, RaggedBatch, Transformer
 
 from conftest import tiny_model
 
@@ -67,7 +67,7 @@ def test_logit_index_selects_rows():
     idx = torch.randint(0, 400, (2, 9))
     with torch.no_grad():
         full = model(idx)
-        last = model(idx, logit_index=torch.tensor([8, 3]))
+        last = model(idx, logit_index=torch.tensor([[8], [3]]))
     assert last.shape == (2, 1, 400)
     assert torch.allclose(last[0, 0], full[0, 8], atol=1e-5) and torch.allclose(last[1, 0], full[1, 3], atol=1e-5)
 
@@ -79,3 +79,22 @@ def test_config_roundtrip_keeps_unknown_fields(tmp_path):
     again = ModelConfig.load(tmp_path / "config.json")
     assert again == cfg and again.extra == {"pretraining_tp": 1} and again.output_bias
     assert Transformer(again).lm_head.bias is not None
+
+
+def test_ragged_batch_equals_separate_sequences():
+    """One forward packing a fresh prefill, a prefill chunk after a cached prefix, and a decode token."""
+    model = tiny_model()
+    torch.manual_seed(3)
+    a, b, c = (torch.randint(0, 400, (1, n)) for n in (9, 14, 6))
+    with torch.no_grad():
+        full = [model(x)[0] for x in (a, b, c)]
+        cache = KVCache(model.config, batch=3, max_len=32)
+        model(b[:, :10], torch.arange(10)[None], cache.rows(1, 1))  # row 1 has b's first 10 tokens
+        model(c[:, :5], torch.arange(5)[None], cache.rows(2, 1))  # row 2 has c's first 5
+        rows, positions = [0, 1, 2], [list(range(9)), list(range(10, 14)), [5]]
+        idx = torch.cat([a[0], b[0, 10:], c[0, 5:]])[None]
+        pos = torch.tensor([[p for ps in positions for p in ps]])
+        out = model(idx, pos, RaggedBatch(cache, rows, positions))[0]
+    assert (out[:9] - full[0]).abs().max() < TOL
+    assert (out[9:13] - full[1][10:]).abs().max() < TOL
+    assert (out[13] - full[2][5]).abs().max() < TOL
