@@ -135,32 +135,50 @@ class RaggedBatch:
 
     One forward then carries, say, one request's prefill chunk and every other request's
     next decode token: the projections and MLP see N tokens, with no padding, and
-    attention runs per segment against that segment's own cache row.
+    attention runs per segment against that segment's own cache row. A run of lone decode
+    tokens on consecutive rows attends as one masked batch (one call instead of one per row).
     """
 
     def __init__(self, cache: KVCache, rows: list[int], positions: list[list[int]]):
-        self.cache, self.segments = cache, []
-        device, start = cache.k.device, 0
-        for row, pos in zip(rows, positions):
+        self.cache, self.groups = cache, []
+        device, start, i = cache.k.device, 0, 0
+        while i < len(rows):
+            j = i + 1  # extend a run of single-token segments on rows r, r+1, ...
+            while (len(positions[i]) == 1 and j < len(rows) and len(positions[j]) == 1
+                   and rows[j] == rows[j - 1] + 1):
+                j += 1
+            pos = [ps[0] for ps in positions[i:j]] if j - i > 1 else positions[i]
             p = torch.tensor(pos, device=device)
-            n = pos[-1] + 1
-            # A lone decode token sees all of row[:n]; a fresh prefill (from position 0) is plain causal.
-            mask = None if len(pos) == 1 or pos[0] == 0 else (torch.arange(n, device=device) <= p[:, None])[None, None]
-            self.segments.append((row, start, start + len(pos), p, n, mask))  # mask (1, 1, S, n)
+            n = max(pos) + 1
+            if j - i > 1:  # decode tokens of rows[i]..rows[j-1]: key k visible to row b iff k ≤ its position
+                mask = (torch.arange(n, device=device) <= p[:, None])[:, None, None]  # (R, 1, 1, n)
+            elif len(pos) == 1 or pos[0] == 0:  # a lone decode token sees all; a fresh prefill is plain causal
+                mask = None
+            else:  # a prefill chunk after a cached prefix
+                mask = (torch.arange(n, device=device) <= p[:, None])[None, None]  # (1, 1, S, n)
+            self.groups.append((rows[i], j - i, start, start + len(pos), p, n, mask))
             start += len(pos)
+            i = j
 
     def bind(self, pos) -> RaggedBatch:
         return self  # positions were given per segment
 
     def __call__(self, layer: int, q, k, v):
-        out = []
-        for row, a, b, p, n, mask in self.segments:
-            ck, cv = self.cache.k[layer, row], self.cache.v[layer, row]  # (Hkv, T, D)
-            ck.index_copy_(1, p, k[0, :, a:b])
-            cv.index_copy_(1, p, v[0, :, a:b])
-            out.append(F.scaled_dot_product_attention(q[:, :, a:b], ck[None, :, :n], cv[None, :, :n], attn_mask=mask,
-                                                      is_causal=mask is None and b - a > 1,
-                                                      enable_gqa=q.shape[1] != k.shape[1]))
+        out, gqa = [], q.shape[1] != k.shape[1]
+        for row, count, a, b, p, n, mask in self.groups:
+            ck, cv = self.cache.k[layer, row:row + count], self.cache.v[layer, row:row + count]  # (R, Hkv, T, D)
+            if count > 1:  # R rows, one token each: batch them, (1, H, R, D) <-> (R, H, 1, D)
+                rows = torch.arange(count, device=p.device)
+                ck[rows, :, p] = k[0, :, a:b].transpose(0, 1)
+                cv[rows, :, p] = v[0, :, a:b].transpose(0, 1)
+                y = F.scaled_dot_product_attention(q[0, :, a:b].transpose(0, 1)[:, :, None], ck[:, :, :n],
+                                                   cv[:, :, :n], attn_mask=mask, enable_gqa=gqa)
+                out.append(y[:, :, 0].transpose(0, 1)[None])
+            else:
+                ck[0].index_copy_(1, p, k[0, :, a:b])
+                cv[0].index_copy_(1, p, v[0, :, a:b])
+                out.append(F.scaled_dot_product_attention(q[:, :, a:b], ck[:, :, :n], cv[:, :, :n], attn_mask=mask,
+                                                          is_causal=mask is None and b - a > 1, enable_gqa=gqa))
         return torch.cat(out, dim=2)
 
 

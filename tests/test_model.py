@@ -82,19 +82,22 @@ def test_config_roundtrip_keeps_unknown_fields(tmp_path):
 
 
 def test_ragged_batch_equals_separate_sequences():
-    """One forward packing a fresh prefill, a prefill chunk after a cached prefix, and a decode token."""
+    """One forward packing decode tokens of rows 3, 4 (a batched run) and 2, a fresh prefill, and a chunk
+    after a cached prefix, against each sequence run alone."""
     model = tiny_model()
     torch.manual_seed(3)
-    a, b, c = (torch.randint(0, 400, (1, n)) for n in (9, 14, 6))
+    a, b, c, d, e = (torch.randint(0, 400, (1, n)) for n in (9, 14, 6, 11, 4))
     with torch.no_grad():
-        full = [model(x)[0] for x in (a, b, c)]
-        cache = KVCache(model.config, batch=3, max_len=32)
-        model(b[:, :10], torch.arange(10)[None], cache.rows(1, 1))  # row 1 has b's first 10 tokens
-        model(c[:, :5], torch.arange(5)[None], cache.rows(2, 1))  # row 2 has c's first 5
-        rows, positions = [0, 1, 2], [list(range(9)), list(range(10, 14)), [5]]
-        idx = torch.cat([a[0], b[0, 10:], c[0, 5:]])[None]
+        full = [model(x)[0] for x in (a, b, c, d, e)]
+        cache = KVCache(model.config, batch=5, max_len=32)
+        for row, x, n in ((1, b, 10), (2, c, 5), (3, d, 10), (4, e, 3)):  # cached prefixes
+            model(x[:, :n], torch.arange(n)[None], cache.rows(row, 1))
+        rows, positions = [3, 4, 0, 1, 2], [[10], [3], list(range(9)), list(range(10, 14)), [5]]
+        idx = torch.cat([d[0, 10:], e[0, 3:], a[0], b[0, 10:], c[0, 5:]])[None]
         pos = torch.tensor([[p for ps in positions for p in ps]])
         out = model(idx, pos, RaggedBatch(cache, rows, positions))[0]
-    assert (out[:9] - full[0]).abs().max() < TOL
-    assert (out[9:13] - full[1][10:]).abs().max() < TOL
-    assert (out[13] - full[2][5]).abs().max() < TOL
+    assert (out[0] - full[3][10]).abs().max() < TOL
+    assert (out[1] - full[4][3]).abs().max() < TOL
+    assert (out[2:11] - full[0]).abs().max() < TOL
+    assert (out[11:15] - full[1][10:]).abs().max() < TOL
+    assert (out[15] - full[2][5]).abs().max() < TOL
