@@ -173,6 +173,8 @@ def load(spec: str | Path, dtype: str | torch.dtype | None = None, device="cpu",
     """Load a checkpoint dir, an HF Llama dir, a .gguf file, or a known model name."""
     from qt_serve import gguf_import, hub
 
+    if max_seq_len is not None and max_seq_len < 2:
+        raise QtError(f"max_seq_len must be at least 2 (a prompt token and a new one), got {max_seq_len}")
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     path = Path(spec)

@@ -15,13 +15,24 @@ CHAT_HELP = """commands:
   /quit          leave (or Ctrl-D); Ctrl-C stops a reply"""
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer ≥ 1, so a bad flag is a usage error rather than a traceback."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def add_model_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=DEFAULT_MODEL,
                     help=f"checkpoint dir, HF Llama dir, .gguf file or known name (default {DEFAULT_MODEL})")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="weight dtype (default: the checkpoint's)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    ap.add_argument("--max-seq-len", type=int, default=4096, help="context length to allocate the KV cache for")
+    ap.add_argument("--max-seq-len", type=positive, default=4096, help="context length to allocate the KV cache for")
 
 
 def run(main):
@@ -43,7 +54,7 @@ def chat_main(argv=None) -> int:
     ap.add_argument("--system", default=None, help="system prompt")
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--max-tokens", type=positive, default=512)
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args(argv)
     return run(lambda: chat(args))
@@ -122,13 +133,13 @@ def serve_main(argv=None) -> int:
                          f"several (default {DEFAULT_MODEL})")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--max-model-len", type=int, default=4096, help="context length per request (KV cache rows)")
-    ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
+    ap.add_argument("--max-model-len", type=positive, default=4096, help="context length per request (KV cache rows)")
+    ap.add_argument("--max-batch", type=positive, default=8, help="requests decoded together (KV cache slots)")
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get HTTP 429")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $QT_API_KEY)")
-    ap.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    ap.add_argument("--max-body-bytes", type=positive, default=1 << 20)
     ap.add_argument("--request-timeout", type=float, default=None,
                     help="seconds a request may take, queueing included; past it: HTTP 504 (default: no limit)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

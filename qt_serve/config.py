@@ -103,7 +103,7 @@ class ModelConfig:
         try:
             return cls(**known, output_bias=bool(qt.get("output_bias", False)),
                        quantization=qt.get("quantization"), extra=extra)
-        except TypeError as e:
+        except (TypeError, ValueError, ZeroDivisionError) as e:  # wrong types, zero heads, ...
             raise QtError(f"{source}: {e}") from None
 
     def save(self, path: str | Path) -> None:

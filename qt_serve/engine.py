@@ -34,9 +34,9 @@ import torch
 from qt_serve import fast
 from qt_serve.checkpoint import Checkpoint
 from qt_serve.errors import QtError
-from qt_serve.generate import Delta, Sequence, eos_ids_of
+from qt_serve.generate import Delta, Sequence, check_prompt, eos_ids_of, prefix_len
 from qt_serve.model import KVCache, RaggedBatch
-from qt_serve.sampling import Sampler, SamplingParams
+from qt_serve.sampling import SamplingParams
 
 
 class QueueFull(QtError):
@@ -58,24 +58,19 @@ class Request:
     cancelled: bool = False
     done: bool = False
     arrival: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
     deadline: float | None = None  # perf_counter time past which it is dropped ("timeout")
-
-
-def prefix_len(a: list[int], b: list[int], limit: int) -> int:
-    """Length of the common prefix of a and b, at most `limit`."""
-    n = 0
-    for x, y in zip(a, b):
-        if n >= limit or x != y:
-            break
-        n += 1
-    return n
 
 
 class Engine:
     def __init__(self, ckpt: Checkpoint, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
                  optimize: bool = True, request_timeout: float | None = None, prefill_chunk: int = 128):
-        self.ckpt = ckpt
+        for ok, what in ((max_batch >= 1, f"max_batch must be at least 1, got {max_batch}"),
+                         (max_queue >= 0, f"max_queue must be ≥ 0, got {max_queue}"),
+                         (prefill_chunk >= 1, f"prefill_chunk must be at least 1, got {prefill_chunk}"),
+                         (request_timeout is None or request_timeout > 0,
+                          f"request_timeout must be > 0 seconds, got {request_timeout}")):
+            if not ok:
+                raise QtError(what)
         self.tokenizer = ckpt.tokenizer
         self.model = fast.optimize_for_decode(ckpt.model) if optimize else ckpt.model
         self.config = self.model.config
@@ -102,16 +97,8 @@ class Engine:
     # ---- public API (any thread) ----------------------------------------------------
 
     def validate(self, prompt: list[int], params: SamplingParams) -> None:
-        vocab = self.config.vocab_size
-        if not prompt:
-            raise QtError("the prompt is empty: give at least one token")
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise QtError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if len(prompt) >= self.max_seq_len:
-            raise QtError(f"the prompt is {len(prompt)} tokens but the context is {self.max_seq_len} tokens "
-                          "(room is needed for at least one new token); shorten the prompt")
-        Sampler(params, vocab, [], [])  # checks logit_bias token ids
+        check_prompt(prompt, self.config.vocab_size, self.max_seq_len)
+        params.check_tokens(self.config.vocab_size)
 
     def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Delta], None],
                request_id: str | None = None) -> Request:
@@ -295,7 +282,7 @@ class Engine:
             rows.append(row)
             positions.append(list(range(fed, fed + len(take))))
             tokens.extend(take)
-            req.cached = req.cached + take
+            req.cached.extend(take)
             if len(req.cached) >= len(req.prompt):  # its last prompt token or a decode token: sample after it
                 heads.append((req, len(tokens) - 1))
         if not rows:
@@ -318,8 +305,6 @@ class Engine:
         if req.cancelled:  # the client left during this step; _drop_cancelled reports it next
             return
         delta = req.seq.step(logits)
-        if req.first_token_at is None:
-            req.first_token_at = time.perf_counter()
         if req.seq.done:
             self._finish(req, delta)
         else:

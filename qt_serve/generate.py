@@ -86,6 +86,28 @@ class Sequence:
         return delta
 
 
+def check_prompt(ids: list[int], vocab_size: int, max_seq_len: int) -> None:
+    """A prompt must be non-empty, in the vocabulary, and leave room for one new token."""
+    if not ids:
+        raise QtError("the prompt is empty: give at least one token")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise QtError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+    if len(ids) >= max_seq_len:
+        raise QtError(f"the prompt is {len(ids)} tokens but the context is {max_seq_len} tokens "
+                      "(room is needed for at least one new token); shorten the prompt")
+
+
+def prefix_len(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the common prefix of a and b, at most `limit`."""
+    n = 0
+    for x, y in zip(a, b):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n
+
+
 def eos_ids_of(ckpt: checkpoint.Checkpoint) -> list[int]:
     """End-of-sequence ids from config.json, generation_config.json and the tokenizer together."""
     gen_eos = ckpt.generation_config.get("eos_token_id")
@@ -136,15 +158,7 @@ class LLM:
             ids = self.tokenizer.encode(prompt)
         else:
             ids = self.tokenizer.encode_chat(prompt)
-        vocab = self.model.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise QtError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if not ids:
-            raise QtError("the prompt is empty: give at least one token")
-        if len(ids) >= self.max_seq_len:
-            raise QtError(f"the prompt is {len(ids)} tokens but the context is {self.max_seq_len} tokens "
-                          "(room is needed for at least one new token); shorten the prompt")
+        check_prompt(ids, self.model.config.vocab_size, self.max_seq_len)
         return ids
 
     @torch.inference_mode()
@@ -153,7 +167,8 @@ class LLM:
         idx = torch.tensor([ids], device=self.device)
         pos = torch.arange(start, start + len(ids), device=self.device)[None]
         logits = self.model(idx, pos, self.cache, logit_index=torch.tensor([[len(ids) - 1]], device=self.device))
-        self.cached = self.cached[:start] + ids
+        del self.cached[start:]
+        self.cached.extend(ids)
         return logits[0, -1]
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
@@ -162,9 +177,7 @@ class LLM:
         params = params or SamplingParams()
         ids = self.encode(prompt)
         # Reuse the cached prefix, but always run at least the last prompt token to get logits.
-        reuse = 0
-        while reuse < min(len(self.cached), len(ids) - 1) and self.cached[reuse] == ids[reuse]:
-            reuse += 1
+        reuse = prefix_len(self.cached, ids, len(ids) - 1)
         logits = self._forward(ids[reuse:], reuse)
         seq = Sequence(ids, params, self.model.config.vocab_size, self.eos_ids, self.tokenizer, self.max_seq_len,
                        self.device)

@@ -67,9 +67,14 @@ def read_config(reader, path) -> ModelConfig:
     if arch != "llama":
         raise QtError(f"{path}: GGUF architecture {arch!r} is not supported; qt imports 'llama' GGUF files")
     a = arch
+    required = [f"{a}.{k}" for k in ("attention.head_count", "embedding_length", "feed_forward_length",
+                                     "block_count")] + ["tokenizer.ggml.tokens"]
+    missing = [k for k in required if k not in reader.fields]
+    if missing:
+        raise QtError(f"{path}: GGUF metadata lacks {', '.join(missing)}; the file is incomplete")
     n_head = _field(reader, f"{a}.attention.head_count")
     hidden = _field(reader, f"{a}.embedding_length")
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    tokens = _field(reader, "tokenizer.ggml.tokens")
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     cfg = ModelConfig(

@@ -47,6 +47,7 @@ class SamplingParams:
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.min_tokens >= 0, f"min_tokens must be ≥ 0, got {self.min_tokens}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
+            (self.seed is None or -2**63 <= self.seed < 2**64, f"seed must fit in 64 bits, got {self.seed}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -54,6 +55,13 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
+
+    def check_tokens(self, vocab_size: int) -> None:
+        """Token ids named by logit_bias and stop_token_ids must exist in the model's vocabulary."""
+        for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise QtError(f"{name} names token {bad[0]}, outside the vocabulary [0, {vocab_size})")
 
 
 @dataclass
@@ -76,9 +84,7 @@ class Sampler:
         else:
             self.generator.seed()
         self.vocab_size = vocab_size
-        for t in params.logit_bias:
-            if not 0 <= t < vocab_size:
-                raise QtError(f"logit_bias names token {t}, outside the vocabulary [0, {vocab_size})")
+        params.check_tokens(vocab_size)
         # Tokens seen in prompt + output (repetition penalty) and output counts (presence/frequency).
         self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         if prompt:
@@ -89,7 +95,9 @@ class Sampler:
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """(vocab,) raw logits -> processed fp32 logits; -inf marks excluded tokens."""
         p = self.p
-        x = logits.float()[: self.vocab_size].clone()
+        x = logits.float()[: self.vocab_size]
+        if p.logit_bias or self.n_out < p.min_tokens:
+            x = x.clone()  # both write into x; everything else below makes new tensors
         for t, b in p.logit_bias.items():
             x[t] += b
         if p.repetition_penalty != 1.0:

@@ -7,6 +7,7 @@ import pytest
 
 from qt_serve import checkpoint
 from qt_serve.engine import Engine, QueueFull
+from qt_serve.errors import QtError
 from qt_serve.generate import LLM
 from qt_serve.sampling import SamplingParams
 
@@ -58,6 +59,13 @@ def test_chat_history_prefix_is_reused(engine, tiny_ckpt, tokenizer):
     out2 = asyncio.run(collect(engine, ids2))
     assert engine.stats()["prefix_reused_tokens"] - before >= len(ids1)
     assert out2 == LLM.load(tiny_ckpt).generate(ids2, GREEDY).tokens
+
+
+@pytest.mark.parametrize("kw, message", [(dict(max_batch=0), "max_batch must be at least 1"),
+                                         (dict(request_timeout=0), "request_timeout must be > 0")])
+def test_bad_engine_settings(tiny_ckpt, kw, message):
+    with pytest.raises(QtError, match=message):  # max_batch=0 would otherwise queue requests forever
+        Engine(checkpoint.load(tiny_ckpt), **kw)
 
 
 def test_cancel_frees_row_and_queue_bound(tiny_ckpt, tokenizer):

@@ -188,6 +188,8 @@ def test_bad_chat_requests(server, body, status, message):
     ({"model": "tiny", "prompt": []}, "prompt is empty"),
     ({"model": "tiny", "prompt": "x", "max_tokens": 0}, "0 is allowed only with echo"),
     ({"model": "tiny", "prompt": list(range(3, 200))}, "the prompt is 197 tokens but this model's context is 128"),
+    ({"model": "tiny", "prompt": "x", "seed": 2**70}, "seed must fit in 64 bits"),
+    ({"model": "tiny", "prompt": "x", "stop_token_ids": [10**6], "min_tokens": 2}, "stop_token_ids names token"),
 ])
 def test_bad_completion_requests(server, body, message):
     assert message in error_of(httpx.post(server.url + "/v1/completions", json=body), 400)
