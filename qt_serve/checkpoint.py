@@ -65,8 +65,12 @@ def state_dict_for_saving(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokenizer | None = None,
-                    generation_config: dict | None = None) -> Path:
-    """Write a whole checkpoint directory atomically (temp dir, then rename)."""
+                    generation_config: dict | None = None, extra=None) -> Path:
+    """Write a whole checkpoint directory atomically (temp dir, then rename).
+
+    `extra(tmp_dir)`, when given, writes more files (e.g. train/'s train_state.pt) into the
+    directory before the rename, so they appear together with the weights or not at all.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
@@ -80,14 +84,16 @@ def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokeni
             tokenizer.save(tmp)
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **(generation_config or {})}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        _replace_dir(tmp, directory)
+        if extra is not None:
+            extra(tmp)
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     # os.replace cannot swap onto a non-empty directory: move the old one aside first,
     # so at every instant `dst` is either the old whole checkpoint or the new one.
     old = None

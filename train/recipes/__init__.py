@@ -1,0 +1,35 @@
+"""Named training recipes: TOML files beside this one, with [data], [model] and [train] sections.
+
+[data] says how `qt-train pretrain` builds its shards when no --data is given (`train.data.prepare`
+arguments), [model] holds `ModelConfig` fields (the vocabulary size comes from the data), and
+[train] holds `train.pretrain.Settings` fields. Flags given on the command line override [train].
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from qt_serve.errors import QtError
+
+HERE = Path(__file__).parent
+SECTIONS = ("data", "model", "train")
+
+
+def names() -> list[str]:
+    return sorted(p.stem for p in HERE.glob("*.toml"))
+
+
+def load(spec: str) -> dict[str, dict]:
+    """A recipe by name (`tiny`) or TOML path: {"data": {...}, "model": {...}, "train": {...}}."""
+    path = Path(spec) if spec.endswith(".toml") else HERE / f"{spec}.toml"
+    if not path.is_file():
+        raise QtError(f"no recipe {spec!r}: give a .toml file or one of {', '.join(names())}")
+    try:
+        recipe = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise QtError(f"{path} is not valid TOML: {e}") from None
+    unknown = set(recipe) - set(SECTIONS)
+    if unknown:
+        raise QtError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; a recipe has {', '.join(SECTIONS)}")
+    return {k: dict(recipe.get(k, {})) for k in SECTIONS}
