@@ -128,6 +128,23 @@ class Tracker:
                  self.id, self.model, self.prompt_tokens, self.tokens, ttft, total, finish)
 
 
+def context_check(s: Served, n_prompt: int, max_tokens: int | None) -> int:
+    """The max_tokens to use: the request's, or the rest of the context; 400 when it cannot fit."""
+    ctx = s.engine.max_seq_len
+    if n_prompt >= ctx:
+        raise APIError(400, f"the prompt is {n_prompt} tokens but this model's context is {ctx} tokens; "
+                            "shorten the prompt", param="messages", code="context_length_exceeded")
+    if max_tokens is None:
+        return ctx - n_prompt
+    if max_tokens < 1:
+        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    if n_prompt + max_tokens > ctx:
+        raise APIError(400, f"this model's context is {ctx} tokens, but {n_prompt + max_tokens} were "
+                            f"requested ({n_prompt} in the prompt, {max_tokens} to generate); lower max_tokens",
+                       param="max_tokens", code="context_length_exceeded")
+    return max_tokens
+
+
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -152,7 +169,10 @@ def load_served(specs: list[str], dtype=None, device="cpu", max_seq_len=None, ma
     return served
 
 
-def create_app(served: dict[str, Served], api_key: str | None = None, max_body_bytes: int = 1 << 20) -> FastAPI:
+def create_app(served: dict[str, Served], api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               page=None) -> FastAPI:
+    """The API app. `page` (an `app.web.PageOptions`) mounts the chat page at / and the arena at /arena;
+    without it, / redirects to the API docs."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
@@ -162,9 +182,8 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
     app = FastAPI(title="qt-serve", description="OpenAI-compatible API for small language models",
                   version="0.1.0", lifespan=lifespan)
     app.state.served = served
-    metrics = Metrics(served)
+    app.state.metrics = metrics = Metrics(served)
     default_model = next(iter(served))
-    open_paths = {"/health", "/metrics", "/docs", "/openapi.json", "/redoc"}
 
     # ---- errors: always OpenAI-shaped JSON -------------------------------------------------
 
@@ -203,7 +222,10 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         path = request.url.path
-        if api_key and path not in open_paths and request.headers.get("authorization") != f"Bearer {api_key}":
+        # The key guards the model routes; the chat page has its own login (app.web), and
+        # /health, /metrics and the docs stay open.
+        guarded = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+        if api_key and guarded and request.headers.get("authorization") != f"Bearer {api_key}":
             response = error_json(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                   "authentication_error", code="invalid_api_key")
         elif int(request.headers.get("content-length") or 0) > max_body_bytes:
@@ -220,22 +242,6 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
             raise APIError(404, f"model {name!r} is not served here; available: {', '.join(served)}",
                            "not_found_error", "model", "model_not_found")
         return served[name]
-
-    def context_check(s: Served, n_prompt: int, max_tokens: int | None) -> int:
-        """The max_tokens to use: the request's, or the rest of the context; 400 when it cannot fit."""
-        ctx = s.engine.max_seq_len
-        if n_prompt >= ctx:
-            raise APIError(400, f"the prompt is {n_prompt} tokens but this model's context is {ctx} tokens; "
-                                "shorten the prompt", param="messages", code="context_length_exceeded")
-        if max_tokens is None:
-            return ctx - n_prompt
-        if max_tokens < 1:
-            raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
-        if n_prompt + max_tokens > ctx:
-            raise APIError(400, f"this model's context is {ctx} tokens, but {n_prompt + max_tokens} were "
-                                f"requested ({n_prompt} in the prompt, {max_tokens} to generate); lower max_tokens",
-                           param="max_tokens", code="context_length_exceeded")
-        return max_tokens
 
     def token_text(s: Served, t: int) -> str:
         return s.engine.tokenizer.decode([t]) if s.engine.tokenizer else str(t)
@@ -280,10 +286,6 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
             s.engine.validate(p, sp)
 
     # ---- routes -------------------------------------------------------------------------
-
-    @app.get("/", include_in_schema=False)
-    async def root():
-        return RedirectResponse("/docs")  # the chat page will live here
 
     @app.get("/health")
     async def health():
@@ -521,4 +523,19 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
         return {"text": text, "logprobs": {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops,
                                            "text_offset": offsets(tokens)}}
 
+    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "DELETE"], include_in_schema=False)
+    async def unknown(request: Request, rest: str):  # before the page's mount at /: API clients get JSON errors
+        allowed = sorted(m for r in app.routes if getattr(r, "name", "") != "unknown" and hasattr(r, "methods")
+                         and r.path_regex.match(request.url.path) for m in r.methods)
+        if allowed:
+            raise APIError(405, f"{request.method} is not allowed on {request.url.path}; use {', '.join(allowed)}",
+                           headers={"Allow": ", ".join(allowed)})
+        raise APIError(404, f"no route {request.url.path}; see /docs", "not_found_error")
+
+    if page is None:
+        app.add_api_route("/", lambda: RedirectResponse("/docs"), include_in_schema=False)
+    else:
+        from app.web import mount
+
+        mount(app, served, page, api_key)
     return app

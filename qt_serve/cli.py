@@ -143,6 +143,15 @@ def serve_main(argv=None) -> int:
     ap.add_argument("--request-timeout", type=float, default=None,
                     help="seconds a request may take, queueing included; past it: HTTP 504 (default: no limit)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    page = ap.add_argument_group("chat page (/) and arena (/arena)")
+    page.add_argument("--no-page", action="store_true", help="serve the API only (/ redirects to /docs)")
+    page.add_argument("--open-page", action="store_true",
+                      help="with --api-key: leave the pages open instead of asking for the key")
+    page.add_argument("--arena-model", action="append", default=[], metavar="NAME=URL[#MODEL]",
+                      help="add a model of another OpenAI-compatible server to the arena (key from $NAME_API_KEY)")
+    page.add_argument("--arena-db", default=None, help="SQLite file for arena votes (default $QT_HOME/arena.sqlite)")
+    page.add_argument("--arena-prompts", default=None, metavar="FILE",
+                      help="prompt set for the arena's 'Random prompt' (JSON / JSONL; e.g. AlpacaEval's)")
     args = ap.parse_args(argv)
     return run(lambda: serve(args))
 
@@ -160,8 +169,15 @@ def serve(args) -> int:
     served = load_served(args.model or [DEFAULT_MODEL], dtype=args.dtype, device=args.device,
                          max_seq_len=args.max_model_len, max_batch=args.max_batch, max_queue=args.max_queue,
                          request_timeout=args.request_timeout)
+    page = None
+    if not args.no_page:
+        from app.models import parse_remote
+        from app.web import PageOptions
+
+        page = PageOptions(open=args.open_page, remote=[parse_remote(m) for m in args.arena_model],
+                           votes=args.arena_db, prompts=args.arena_prompts)
     app = create_app(served, api_key=args.api_key or os.environ.get("QT_API_KEY"),
-                     max_body_bytes=args.max_body_bytes)
+                     max_body_bytes=args.max_body_bytes, page=page)
     # SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight streams finish for up to 10 s, then
     # cancels them; the app's shutdown then stops the engines. uvicorn re-raises the signal to the
     # handler that was there before it; a no-op one makes a SIGTERM shutdown exit 0.

@@ -1,0 +1,168 @@
+"""The models a page can talk to: the ones this server holds, or any OpenAI-compatible URL.
+
+Both stream a chat reply as text pieces through one interface, so the chat page and the arena
+never care where a model runs:
+
+    async for piece in model.stream(messages, Settings(temperature=0.7)):
+        ...  # piece.text, piece.tokens (generated so far)
+
+A failure the person can act on (prompt past the context, queue full, server unreachable)
+is raised as `ChatError` with the server's own message.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+
+from qt_serve.api import FAILED, APIError, Served, Tracker, context_check, engine_error, failure
+from qt_serve.errors import QtError
+from qt_serve.sampling import SamplingParams
+
+
+class ChatError(Exception):
+    """A reply that could not be made, with text fit to show the person."""
+
+
+@dataclass
+class Settings:
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Piece:
+    text: str
+    tokens: int  # tokens generated so far
+
+
+@dataclass
+class ReplyStats:
+    """Timing of one reply as the person saw it: time to first token and decode speed."""
+
+    start: float
+    first: float | None = None
+    end: float | None = None
+    tokens: int = 0
+
+    def seen(self, piece: Piece) -> None:
+        now = time.perf_counter()
+        if self.first is None and piece.tokens:
+            self.first = now
+        self.tokens, self.end = piece.tokens, now
+
+    def summary(self) -> str:
+        if self.first is None:
+            return "0 tokens"
+        ttft = (self.first - self.start) * 1000
+        rate = (self.tokens - 1) / (self.end - self.first) if self.tokens > 1 and self.end > self.first else 0.0
+        return f"{self.tokens} tokens · TTFT {ttft:.0f} ms · {rate:.1f} tok/s"
+
+
+class Pacer:
+    """At most one page update per `every` seconds: a browser that re-renders the Markdown of a
+    long reply at every token (hundreds a second on a small model) falls seconds behind."""
+
+    def __init__(self, every: float = 0.05):
+        self.every, self.last = every, 0.0
+
+    def due(self) -> bool:
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return False
+        self.last = now
+        return True
+
+
+class LocalModel:
+    """A model this process serves: straight into its engine, counted in /metrics like API requests."""
+
+    def __init__(self, served: Served, metrics):
+        self.name, self.served, self.metrics = served.name, served, metrics
+
+    @property
+    def context(self) -> int:
+        return self.served.engine.max_seq_len
+
+    async def stream(self, messages: list[dict], settings: Settings) -> AsyncIterator[Piece]:
+        engine = self.served.engine
+        if engine.tokenizer is None:
+            raise ChatError(f"model {self.name!r} has no tokenizer, so it cannot chat")
+        try:
+            ids = engine.tokenizer.encode_chat(messages)
+            # "Max new tokens" is an upper bound here: a long chat gets what room the context has left.
+            room = max(self.context - len(ids), 1)
+            max_tokens = context_check(self.served, len(ids), min(settings.max_tokens, room))
+            params = SamplingParams(max_tokens=max_tokens, temperature=settings.temperature, top_p=settings.top_p,
+                                    seed=settings.seed)
+            deltas = engine.stream(ids, params)
+            tracker = Tracker(self.metrics, self.name, "page", len(ids))
+        except APIError as e:
+            raise ChatError(e.message) from None
+        except QtError as e:
+            raise ChatError(engine_error(e).message) from None
+        finish = None
+        try:
+            async for d in deltas:
+                if d.finish_reason in FAILED:
+                    raise ChatError(failure(d).message)
+                if d.token is not None:
+                    tracker.token()
+                finish = d.finish_reason
+                yield Piece(d.text, tracker.tokens)
+        except QtError as e:
+            raise ChatError(engine_error(e).message) from None
+        finally:
+            await deltas.aclose()  # cancels the request and frees its KV row if we stop early
+            tracker.done(finish or "cancelled")
+
+
+class RemoteModel:
+    """A model behind any OpenAI-compatible server, reached with the `openai` client."""
+
+    def __init__(self, name: str, base_url: str, model: str | None = None, api_key: str | None = None):
+        import openai
+
+        self.name, self.model = name, model or name
+        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=600)
+        self.context = None
+
+    async def stream(self, messages: list[dict], settings: Settings) -> AsyncIterator[Piece]:
+        import openai
+
+        tokens = 0
+        try:
+            stream = await self.client.chat.completions.create(
+                model=self.model, messages=messages, stream=True, temperature=settings.temperature,
+                top_p=settings.top_p, max_tokens=settings.max_tokens, seed=settings.seed)
+            async with stream:
+                async for chunk in stream:
+                    for c in chunk.choices:
+                        if c.delta.content:
+                            tokens += 1  # one content chunk per token on qt, vLLM and OpenAI
+                            yield Piece(c.delta.content, tokens)
+        except openai.APIStatusError as e:
+            body = e.body if isinstance(e.body, dict) else {}
+            raise ChatError(f"{self.name}: {body.get('message') or e.message}") from None
+        except openai.APIConnectionError:
+            raise ChatError(f"{self.name}: cannot reach {self.client.base_url}; is that server running?") from None
+
+
+def parse_remote(spec: str) -> RemoteModel:
+    """`NAME=URL[#MODEL]` (e.g. `gpt=http://host:8000/v1#gpt-4o-mini`) -> a RemoteModel; key from $NAME_API_KEY."""
+    import os
+
+    if "=" not in spec:
+        raise QtError(f"--arena-model {spec!r}: expected NAME=URL[#MODEL], e.g. other=http://localhost:8001/v1")
+    name, url = spec.split("=", 1)
+    url, _, model = url.partition("#")
+    if not url.startswith(("http://", "https://")):
+        raise QtError(f"--arena-model {spec!r}: the URL must start with http:// or https://")
+    key = os.environ.get(f"{name.upper().replace('-', '_')}_API_KEY")
+    return RemoteModel(name, url, model or None, key)

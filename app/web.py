@@ -1,0 +1,52 @@
+"""Mounting the chat page (/) and the arena (/arena) on the API's FastAPI app: one process, one port."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls home
+
+import gradio as gr  # noqa: E402
+
+from app import arena, chat  # noqa: E402
+from app.models import LocalModel, RemoteModel  # noqa: E402
+
+
+@dataclass
+class PageOptions:
+    open: bool = False  # with an API key set: leave the pages open instead of asking for the key
+    remote: list[RemoteModel] = field(default_factory=list)  # extra arena contestants (other servers)
+    votes: Path | None = None  # the arena's SQLite file (default: $QT_HOME/arena.sqlite)
+    prompts: Path | None = None  # a prompt set for the arena (JSON / JSONL with an instruction per item)
+
+
+def page_secret() -> str:
+    """A random key kept in $QT_HOME (mode 600), so the chat saved in browsers survives restarts."""
+    import secrets
+
+    from qt_serve.hub import home
+
+    path = home() / "page-secret"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(secrets.token_urlsafe(32))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return path.read_text().strip()
+
+
+def mount(api, served: dict, options: PageOptions, api_key: str | None) -> None:
+    local = {name: LocalModel(s, api.state.metrics) for name, s in served.items()}
+    contestants = {**local, **{m.name: m for m in options.remote}}
+    store = arena.VoteStore(options.votes or arena.default_db())
+    prompts = arena.load_prompts(options.prompts) if options.prompts else []
+    # With a key, the pages ask for it (any user name) unless told to stay open.
+    auth = None if (api_key is None or options.open) else (lambda _user, password: password == api_key)
+    message = "This server needs its API key: any user name, the key as password."
+    gr.mount_gradio_app(api, arena.build(contestants, store, prompts), path="/arena", auth=auth,
+                        auth_message=message, footer_links=["api"], run_history=False)
+    gr.mount_gradio_app(api, chat.build(local, page_secret()), path="", auth=auth, auth_message=message,
+                        footer_links=["api"], run_history=False)
