@@ -192,5 +192,11 @@ def bench_main(argv=None) -> int:
     return run(lambda: bench.main(argv))
 
 
+def eval_main(argv=None) -> int:
+    from evals import cli
+
+    return run(lambda: cli.main(argv))
+
+
 if __name__ == "__main__":
     sys.exit(chat_main())

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
+import uvicorn
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -63,3 +67,20 @@ def tiny_ckpt(tmp_path, tokenizer):
     from qt_serve.checkpoint import save_checkpoint
 
     return save_checkpoint(tmp_path / "tiny", tiny_model(vocab_size=tokenizer.vocab_size), tokenizer)
+
+
+class Server:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app):
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -9,26 +9,11 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
+from conftest import Server
 from qt_serve.api import create_app, load_served
 
 CTX = 128
-
-
-class Server:
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def start(ckpt, **app_kw):
