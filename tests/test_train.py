@@ -27,6 +27,7 @@ from train import planner, recipes
 from train.cli import main
 from train.data import Shards, Windows, prepare, read_documents, shard_dtype
 from train.pretrain import Settings, pretrain, unigram_log_probs
+from train.progress import read_metrics
 
 MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, tie_word_embeddings=True)
@@ -49,8 +50,7 @@ def shards(tmp_path_factory) -> Path:
 
 
 def losses(run: Path, key: str = "loss") -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if key in r}
+    return {r["step"]: r[key] for r in read_metrics(run / "metrics.jsonl") if key in r}
 
 
 def write_recipe(path: Path) -> Path:
@@ -260,7 +260,7 @@ def cli(*args: str, **kw) -> subprocess.Popen:
 
 def wait_for_step(run: Path, step: int, proc: subprocess.Popen) -> None:
     deadline = time.time() + 60
-    while max(losses(run), default=0) < step if (run / "metrics.jsonl").exists() else True:
+    while not (run / "metrics.jsonl").exists() or max(losses(run), default=0) < step:
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline
         time.sleep(0.05)
@@ -299,15 +299,17 @@ def test_ctrl_c_saves_then_exits(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_with_double_accumulation(tmp_path, shards):
-    """torchrun --nproc-per-node 2 (gloo) with accum 1 trains on the same rows as 1 process with accum 2."""
+@pytest.mark.parametrize("shard", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, shards, shard):
+    """torchrun --nproc-per-node 2 (gloo; DDP or FSDP2) with accum 1 trains on the same rows as 1 process, accum 2."""
     flags = ["--recipe", str(write_recipe(tmp_path / "m.toml")), "--data", str(shards), "--max-steps", "8",
              "--seq-len", "32", "--micro-batch", "4", "--eval-every", "8", "--eval-tokens", "256",
              "--save-every", "8", "--log-every", "1", "--warmup", "2", "--lr", "3e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "train.cli", "pretrain", *flags, "--accum", "1", "--out", str(tmp_path / "ddp")],
-                         capture_output=True, text=True, env=env, timeout=240)
+                          "-m", "train.cli", "pretrain", *flags, *shard, "--accum", "1",
+                          "--out", str(tmp_path / "ddp")],
+                         capture_output=True, text=True, env=env, timeout=240, check=False)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert main(["pretrain", *flags, "--accum", "2", "--out", str(tmp_path / "one")]) == 0
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "one")
@@ -370,3 +372,23 @@ def test_bad_run_flags(tmp_path, shards, capsys, flags, message):
             "--out", str(tmp_path / "run"), *flags]
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_compile_failure_falls_back_to_eager(tmp_path, shards, monkeypatch, capsys):
+    def broken(module):
+        def call(*a):
+            raise RuntimeError("no C compiler")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    report = pretrain(Settings(data=str(shards), out=str(tmp_path / "run"), max_steps=3, compile=True,
+                               precision="bf16", **FAST), MODEL)
+    assert "torch.compile failed (RuntimeError: no C compiler); running eagerly" in capsys.readouterr().err
+    assert report["step"] == 3 and math.isfinite(report["cross_entropy"]["val"])
+
+
+def test_early_stopping_on_val_loss(tmp_path, shards):
+    """A learning rate far too high makes validation worse; patience 2 stops the run."""
+    report = pretrain(Settings(data=str(shards), out=str(tmp_path / "run"), max_steps=200, patience=2,
+                               **{**FAST, "lr": 3.0, "warmup": 0, "eval_every": 2, "grad_clip": 0.0}), MODEL)
+    assert report["stopped"] == "early stop: no val improvement in 2 evaluations" and report["step"] < 200

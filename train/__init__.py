@@ -1,1 +1,1 @@
-"""See README.md: this package is planned, not built yet."""
+"""Pretraining from scratch: data shards, tokenizer, planner, trainer, recipes (see README.md)."""

@@ -15,7 +15,6 @@ Parquet (a `text` column), directories of those, or a built-in public-domain cor
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import sys
@@ -315,13 +314,15 @@ class Windows:
     def __init__(self, split: TokenSplit, seq_len: int, seed: int, name: str = "train"):
         self.split, self.seq_len, self.seed = split, seq_len, seed
         self.count = (split.n - 1) // seq_len
+        self._epoch, self._order = None, None
         if self.count < 1:
             raise QtError(f"the {name} split holds {split.n} tokens, fewer than one sequence of seq_len + 1 = "
                           f"{seq_len + 1}; add more text, lower --seq-len, or raise --{name}-frac when making data")
 
-    @functools.lru_cache(maxsize=2)
     def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        if self._epoch != epoch:  # one epoch's permutation at a time: rows are read in order
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        return self._order
 
     def rows(self, first: int, n: int, shuffle: bool = True) -> np.ndarray:
         """Rows first..first+n-1: (n, seq_len + 1) int64 token ids (inputs [:, :-1], targets [:, 1:])."""

@@ -64,7 +64,8 @@ def plan(cfg: ModelConfig, seq_len: int, micro_batch: int, memory_bytes: float, 
                       f"{cfg.max_position_embeddings}")
     p = count_params(cfg)
     P, lora = p["total"], p["lora_per_rank"] * lora_rank
-    static = {"fp32": (4 * P, 4 * P, 8 * P), "bf16": (6 * P, 4 * P, 8 * P), "lora": (2 * P + 4 * lora, 4 * lora, 8 * lora)}
+    static = {"fp32": (4 * P, 4 * P, 8 * P), "bf16": (6 * P, 4 * P, 8 * P),
+              "lora": (2 * P + 4 * lora, 4 * lora, 8 * lora)}
     usable = memory_bytes * HEADROOM
     out = {"params": p, "seq_len": seq_len, "micro_batch": micro_batch, "memory": memory_bytes,
            "usable": usable, "lora_rank": lora_rank, "modes": {}}
@@ -83,12 +84,12 @@ def gib(n: float) -> str:
 
 def format_plan(pl: dict) -> str:
     p = pl["params"]
-    lines = [f"parameters: {p['total'] / 1e6:.2f}M total = {p['embedding'] / 1e6:.2f}M embedding + "
-             f"{p['non_embedding'] / 1e6:.2f}M non-embedding",
-             f"device memory {gib(pl['memory'])}, usable {gib(pl['usable'])} ({HEADROOM:.0%}); "
-             f"micro-batch {pl['micro_batch']} x seq_len {pl['seq_len']}; LoRA rank {pl['lora_rank']}",
-             f"{'mode':<6}{'weights':>12}{'grads':>12}{'optimizer':>12}{'act/seq':>12}{'act/batch':>12}"
-             f"{'total':>12}  fits  max micro-batch"]
+    lines = [(f"parameters: {p['total'] / 1e6:.2f}M total = {p['embedding'] / 1e6:.2f}M embedding + "
+              f"{p['non_embedding'] / 1e6:.2f}M non-embedding"),
+             (f"device memory {gib(pl['memory'])}, usable {gib(pl['usable'])} ({HEADROOM:.0%}); "
+              f"micro-batch {pl['micro_batch']} x seq_len {pl['seq_len']}; LoRA rank {pl['lora_rank']}"),
+             (f"{'mode':<6}{'weights':>12}{'grads':>12}{'optimizer':>12}{'act/seq':>12}{'act/batch':>12}"
+              f"{'total':>12}  fits  max micro-batch")]
     for mode, r in pl["modes"].items():
         lines.append(f"{mode:<6}" + "".join(f"{gib(r[k]):>12}" for k in
                                             ("weights", "grads", "optimizer", "activations_per_seq",

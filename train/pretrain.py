@@ -230,9 +230,11 @@ class Trainer:
         self.model = Transformer(self.cfg)
         init_weights(self.model, s.init_std)
         if s.output_bias:
+            counts = self.shards.splits["train"].counts(self.cfg.vocab_size)
             with torch.no_grad():
-                self.model.lm_head.bias.copy_(unigram_log_probs(self.shards.splits["train"].counts(self.cfg.vocab_size)))
+                self.model.lm_head.bias.copy_(unigram_log_probs(counts))
         self.model.to(self.dist.device).train()
+        self.wrapped = self._parallel()  # before the optimizer: FSDP swaps the parameters for shards
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         rest = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
@@ -240,7 +242,6 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda step: lr_factor(step, s.warmup, s.max_steps, s.min_lr_ratio))
         self.step, self.best, self.bad_evals, self.tokens, self.elapsed = 0, float("inf"), 0, 0, 0.0
-        self.wrapped = self._parallel()
         self.forward = eager_fallback(self.wrapped) if s.compile else self.wrapped
         self.autocast = (torch.autocast(self.dist.device.type, dtype=torch.bfloat16) if s.precision == "bf16"
                          else nullcontext())
@@ -464,8 +465,8 @@ class Trainer:
         }
         if self.dist.main:
             (self.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-            progress.plot_losses({self.out.name: self.out / "metrics.jsonl"}, self.out / "loss.png",
-                                 title=f"{self.out.name}: {self.cfg.num_hidden_layers} layers, d {self.cfg.hidden_size}")
+            title = f"{self.out.name}: {self.cfg.num_hidden_layers} layers, d {self.cfg.hidden_size}"
+            progress.plot_losses({self.out.name: self.out / "metrics.jsonl"}, self.out / "loss.png", title=title)
         return report
 
 

@@ -52,8 +52,8 @@ def device_peak(device: torch.device, precision: str, world: int) -> tuple[float
     peak = cores * ghz * 1e9 * per_cycle
     watts = CPU_WATTS_PER_CORE * cores
     return (peak * world, watts * world,
-            f"{world} x CPU: {cores} threads x {ghz:.2f} GHz ({source}) x {per_cycle} fp32 FLOP/cycle ({isa}) = "
-            f"{peak / 1e9:.0f} GFLOP/s; {CPU_WATTS_PER_CORE:g} W per core")
+            (f"{world} x CPU: {cores} threads x {ghz:.2f} GHz ({source}) x {per_cycle} fp32 FLOP/cycle ({isa}) = "
+             f"{peak / 1e9:.0f} GFLOP/s; {CPU_WATTS_PER_CORE:g} W per core"))
 
 
 def energy(watts: float, seconds: float) -> dict:
@@ -70,14 +70,13 @@ class Metrics:
 
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():  # a resumed run: forget what was logged after the checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        self.file = open(self.path, "a")
+            keep = [r for r in read_metrics(self.path) if r["step"] <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, step: int, **values) -> None:
-        self.file.write(json.dumps({"step": step, **values}) + "\n")
-        self.file.flush()
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
         for k, v in values.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(k, v, step)
@@ -85,12 +84,18 @@ class Metrics:
                 self.tb.add_text(k, v, step)
 
     def close(self) -> None:
-        self.file.close()
         self.tb.close()
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln]
+    """The rows of a metrics.jsonl; a line cut short by a killed process is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def plot_losses(runs: dict[str, str | Path], png: str | Path, title: str = "loss") -> Path:

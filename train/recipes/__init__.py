@@ -7,10 +7,14 @@ arguments), [model] holds `ModelConfig` fields (the vocabulary size comes from t
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 from qt_serve.errors import QtError
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 HERE = Path(__file__).parent
 SECTIONS = ("data", "model", "train")
