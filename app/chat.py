@@ -95,33 +95,33 @@ def build(models: dict, secret: str, title: str = "qt chat") -> gr.Blocks:
 
         def add_message(text: str, history: list[dict]):
             if not text.strip():
-                return gr.update(), history  # an empty message is ignored: no request
-            return "", history + [{"role": "user", "content": text}]
+                return gr.update(), history, gr.update()  # an empty message is ignored: no request
+            history = history + [{"role": "user", "content": text}]
+            return "", history, history
 
         async def respond(history, name, system_prompt, t, p, n, s):
             async for out in reply(models[name], history, system_prompt, (t, p, n, s)):
                 yield out
 
         def drop_reply(history: list[dict]):
-            return history[:-1] if history and history[-1]["role"] == "assistant" else history
+            history = history[:-1] if history and history[-1]["role"] == "assistant" else history
+            return history, history
 
         gen_inputs = [chatbot, model, system, temperature, top_p, max_tokens, seed]
-        # The conversation is also kept in the browser (localStorage), saved once the message is in
-        # and again when the reply is: a reload, or the reload Gradio does after a server restart,
-        # brings it back.
+        # The conversation is also kept in the browser (localStorage), saved with the person's message
+        # and again with the reply: a reload, or the reload Gradio does after a server restart, brings it back.
         saved = gr.BrowserState([], storage_key="qt-chat-history", secret=secret)
 
         def save(history):
             return history
 
         runs = []
-        for trigger in (msg.submit(add_message, [msg, chatbot], [msg, chatbot], queue=False),
-                        send.click(add_message, [msg, chatbot], [msg, chatbot], queue=False),
-                        regen.click(drop_reply, chatbot, chatbot, queue=False)):
+        for trigger in (msg.submit(add_message, [msg, chatbot], [msg, chatbot, saved], queue=False),
+                        send.click(add_message, [msg, chatbot], [msg, chatbot, saved], queue=False),
+                        regen.click(drop_reply, chatbot, [chatbot, saved], queue=False)):
             # concurrency_limit=None: the engine batches and queues; Gradio's default of one would
             # serialize every user of the page.
-            runs.append(trigger.then(save, chatbot, saved, queue=False)
-                        .then(respond, gen_inputs, [chatbot, status], concurrency_limit=None))
+            runs.append(trigger.then(respond, gen_inputs, [chatbot, status], concurrency_limit=None))
             runs[-1].then(save, chatbot, saved, queue=False)
         page.load(save, saved, chatbot, queue=False)
         # Stop cancels the streaming event; the cancellation reaches the engine, which frees the slot.

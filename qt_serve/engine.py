@@ -294,7 +294,8 @@ class Engine:
         else:
             idx = torch.tensor([tokens], device=self.device)  # (1, N)
             pos = torch.tensor([[p for ps in positions for p in ps]], device=self.device)
-            index = torch.tensor([[i for _, i in heads]], device=self.device)
+            # (1, K) positions whose logits are needed; K is 0 while a long prompt is mid-prefill
+            index = torch.tensor([[i for _, i in heads]], dtype=torch.long, device=self.device)
             logits = self.model(idx, pos, RaggedBatch(self.cache, rows, positions), logit_index=index)[0]
             heads = [(req, j) for j, (req, _) in enumerate(heads)]
         for req, i in heads:

