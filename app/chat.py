@@ -1,8 +1,9 @@
 """The chat page (Gradio Blocks): streaming multi-turn chat with any served model.
 
-The conversation lives in the Chatbot's value, which the browser sends with every event, so a
-server restart loses nothing on the page. Each reply ends with a one-line footer (tokens, time
-to first token, tokens/s) that is stripped again before the history goes back to the model.
+The conversation lives in the Chatbot's value, which the browser sends with every event, and a
+copy in the browser's localStorage, so neither a reload nor a server restart loses it. Each reply
+ends with a one-line footer (tokens, time to first token, tokens/s) that is stripped again before
+the history goes back to the model.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def build(models: dict, secret: str, title: str = "qt chat") -> gr.Blocks:
         def add_message(text: str, history: list[dict]):
             if not text.strip():
                 return gr.update(), history, gr.update()  # an empty message is ignored: no request
+            if history and history[-1]["role"] == "user":
+                history = history[:-1]  # one that got no reply (an error): the new message replaces it
             history = history + [{"role": "user", "content": text}]
             return "", history, history
 
