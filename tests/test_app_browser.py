@@ -218,6 +218,28 @@ def test_arena_vote_updates_and_persists_the_leaderboard(server, page):
     assert (prompt, winner, reason) == ("Which is better?", "a", "clearer") and {a, b} == {"a", "b"}
 
 
+def test_two_tabs_vote_at_once(server, browser):
+    db = server.args[server.args.index("--arena-db") + 1]
+    tabs = [browser.new_page() for _ in range(2)]
+    try:
+        for i, tab in enumerate(tabs):
+            tab.goto(server.url + "/arena/")
+            tab.locator("#arena-prompt textarea").fill(f"Tab {i} asks")
+            tab.locator("#arena-send").click()
+        for tab in tabs:
+            expect(tab.locator("#vote-b")).to_be_enabled(timeout=60_000)
+        for tab in tabs:  # both clicks go out before either vote is answered
+            tab.locator("#vote-b").click(no_wait_after=True)
+        for tab in tabs:
+            expect(tab.locator("#arena-result")).to_contain_text("B was")
+    finally:
+        for tab in tabs:
+            tab.close()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT prompt, winner FROM votes WHERE prompt LIKE 'Tab %' ORDER BY prompt").fetchall()
+    assert rows == [("Tab 0 asks", "b"), ("Tab 1 asks", "b")]
+
+
 def test_server_restart_mid_reply(ckpt, tmp_path, browser):
     srv = QtServe(ckpt, tmp_path)
     pg = browser.new_page()
