@@ -99,8 +99,8 @@ def board_tables(store: VoteStore):
     names, m = ratings.win_matrix(ratings.battles_of(votes))
     matrix = [[a] + ["" if x is None else f"{x:.2f}" for x in row] for a, row in zip(names, m)]
     return (gr.update(value=board), gr.update(value=matrix, headers=["model"] + names),
-            f"{len(votes)} votes. Ratings: Bradley-Terry on the Elo scale (400 points = 10:1 odds), "
-            "95% bootstrap intervals; ties and 'both bad' count half a win to each side.")
+            (f"{len(votes)} votes. Ratings: Bradley-Terry on the Elo scale (400 points = 10:1 odds), "
+             "95% bootstrap intervals; ties and 'both bad' count half a win to each side."))
 
 
 def build(models: dict, store: VoteStore, prompts: list[str]) -> gr.Blocks:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls home
 
-import gradio as gr  # noqa: E402
+import gradio as gr
 
-from app import arena, chat  # noqa: E402
-from app.models import LocalModel, RemoteModel  # noqa: E402
+from app import arena, chat
+from app.models import LocalModel, RemoteModel
 
 
 @dataclass

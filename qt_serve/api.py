@@ -27,8 +27,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qt_serve.engine import Engine, EngineStopped, QueueFull
 from qt_serve.errors import QtError
 from qt_serve.generate import Delta
-from qt_serve.protocol import (ChatChoice, ChatCompletion, ChatCompletionRequest, Completion, CompletionChoice,
-                               CompletionRequest, DetokenizeRequest, ModelCard, ModelList, TokenizeRequest, Usage)
+from qt_serve.protocol import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    Usage,
+)
 from qt_serve.sampling import SamplingParams
 
 log = logging.getLogger("qt_serve.api")
@@ -256,7 +267,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
             try:
                 async for d in stream:
                     await queue.put((i, d))
-            except Exception as e:  # noqa: BLE001 - surfaced to the client as an error delta
+            except Exception as e:
                 await queue.put((i, e))
 
         tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]

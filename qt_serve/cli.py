@@ -164,7 +164,7 @@ def serve(args) -> int:
 
     import uvicorn
 
-    from qt_serve.api import load_served, create_app
+    from qt_serve.api import create_app, load_served
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     served = load_served(args.model or [DEFAULT_MODEL], dtype=args.dtype, device=args.device,

