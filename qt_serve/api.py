@@ -230,6 +230,12 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
 
     # ---- auth, body size, request accounting (one pure-ASGI middleware) ------------------
 
+    def route_label(path: str) -> str:
+        """The metric label of a path: an API route's own path, else one label for the rest
+        (per-path labels for page assets or mistyped URLs would grow the series without bound)."""
+        known = any(r.path == path for r in app.routes if hasattr(r, "methods"))
+        return path if known else "other"
+
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         path = request.url.path
@@ -244,7 +250,7 @@ def create_app(served: dict[str, Served], api_key: str | None = None, max_body_b
                                   code="body_too_large")
         else:
             response = await call_next(request)
-        metrics.requests.labels(path, str(response.status_code)).inc()
+        metrics.requests.labels(route_label(path), str(response.status_code)).inc()
         return response
 
     def pick(model: str | None) -> Served:

@@ -209,8 +209,12 @@ def test_api_key_and_full_queue(ckpt):
 
 def test_metrics_count_requests(server, client):
     client.completions.create(prompt="To be", **GREEDY)
+    for path in ("/v1/no-such-route", "/v1/another-typo", "/favicon.ico"):
+        httpx.get(server.url + path)
     text = httpx.get(server.url + "/metrics").text
     assert 'qt_requests_total{route="/v1/completions",status="200"}' in text
+    # Unknown paths share one label: a scan of made-up URLs cannot grow the series without bound.
+    assert 'qt_requests_total{route="other",status="404"} 3.0' in text and "typo" not in text
     assert "qt_time_to_first_token_seconds_bucket" in text and 'qt_generation_tokens_total{model="tiny"}' in text
 
 
