@@ -61,8 +61,11 @@ def main() -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = max(m["step"] for m in read_metrics(runs / "cut" / "metrics.jsonl"))
-    assert pretrain("--out", str(runs / "cut"), "--resume").wait() == 0
-    result["resume"] = {"killed_after_step": killed_at, "resumed_from": "step-000020",
+    resumed = pretrain("--out", str(runs / "cut"), "--resume")
+    log = resumed.communicate()[1]
+    assert resumed.returncode == 0, log[-2000:]
+    result["resume"] = {"killed_after_step": killed_at,
+                        "resumed": next(ln for ln in log.splitlines() if "resumed from" in ln),
                         "loss_40_whole": last(runs / "whole", "loss", 40),
                         "loss_40_resumed": last(runs / "cut", "loss", 40),
                         "val_40_whole": last(runs / "whole", "val_loss", 40),
