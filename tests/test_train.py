@@ -392,3 +392,16 @@ def test_early_stopping_on_val_loss(tmp_path, shards):
     report = pretrain(Settings(data=str(shards), out=str(tmp_path / "run"), max_steps=200, patience=2,
                                **{**FAST, "lr": 3.0, "warmup": 0, "eval_every": 2, "grad_clip": 0.0}), MODEL)
     assert report["stopped"] == "early stop: no val improvement in 2 evaluations" and report["step"] < 200
+
+
+def test_data_cli(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "book.txt").write_text("\n\n".join(documents(12)))
+    (src / "empty.txt").write_text("")
+    assert main(["data", str(src), "--out", str(tmp_path / "d"), "--vocab-size", "300", "--doc-sep", "\\n\\n"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped: 1 empty files" in captured.err
+    assert "vocab 300 (uint16); train" in captured.out and "val" in captured.out and "test" in captured.out
+    assert main(["data", str(src / "empty.txt"), "--out", str(tmp_path / "e")]) == 2
+    assert "no usable text" in capsys.readouterr().err
