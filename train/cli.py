@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -57,13 +58,13 @@ def ensure_data(data: dict, seed: int) -> str:
 
     if not data.get("sources"):
         raise QtError("no data: pass --data DIR (made by `qt-train data`) or a recipe with a [data] section")
-    key = "-".join(Path(s).name for s in data["sources"]) + f"-v{data.get('vocab_size', 4096)}" \
-        f"-seed{data.get('seed', seed)}"
-    path = hub.home() / "data" / key
+    spec = {"seed": seed, **data}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:8]  # any setting, new shards
+    path = hub.home() / "data" / ("-".join(Path(s).name for s in data["sources"]) + f"-{digest}")
     if not (path / "meta.json").exists():
         if rank() == 0:
             print(f"qt-train: making {path} from {', '.join(data['sources'])} ...", file=sys.stderr)
-            prepare(out=path, **{"seed": seed, **data})
+            prepare(out=path, **spec)
         while not (path / "meta.json").exists():  # other ranks wait for rank 0
             time.sleep(1)
     return str(path)
