@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import tempfile
 import uuid
@@ -22,6 +23,7 @@ from app.models import ChatError, Pacer
 from app.votes import AlreadyVoted, VoteStore
 from qt_serve.errors import QtError
 
+log = logging.getLogger("app.arena")
 VERDICTS = {"a": "A is better", "b": "B is better", "tie": "Tie", "bad": "Both are bad"}
 
 
@@ -63,6 +65,9 @@ async def side_by_side(models: list, messages: list[dict], settings):
             await queue.put((i, text, None, True))
         except ChatError as e:
             await queue.put((i, text, str(e), True))
+        except Exception as e:  # noqa: BLE001 - a bug must end this side's stream, not hang the page
+            log.exception("arena contestant %s failed", model.name)
+            await queue.put((i, text, f"internal error: {type(e).__name__}: {e}", True))
 
     tasks = [asyncio.create_task(pump(i, m)) for i, m in enumerate(models)]
     try:

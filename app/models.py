@@ -13,6 +13,7 @@ is raised as `ChatError` with the server's own message.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
@@ -102,7 +103,7 @@ class LocalModel:
             params = SamplingParams(max_tokens=max_tokens, temperature=settings.temperature, top_p=settings.top_p,
                                     seed=settings.seed)
             deltas = engine.stream(ids, params)
-            tracker = Tracker(self.metrics, self.name, "page", len(ids))
+            tracker = Tracker(self.metrics, self.name, f"page-{uuid.uuid4().hex[:12]}", len(ids))
         except APIError as e:
             raise ChatError(e.message) from None
         except QtError as e:
@@ -111,6 +112,7 @@ class LocalModel:
         try:
             async for d in deltas:
                 if d.finish_reason in FAILED:
+                    finish = d.finish_reason
                     raise ChatError(failure(d).message)
                 if d.token is not None:
                     tracker.token()

@@ -306,3 +306,30 @@ def test_pages_follow_the_api_key(served, tmp_path, open_page, page_status):
         assert httpx.get(srv.url + "/v1/nope", headers=key).json()["error"]["type"] == "not_found_error"
     finally:
         srv.stop()
+
+
+def test_side_by_side_ends_even_when_a_contestant_crashes():
+    from app.arena import side_by_side
+    from app.models import Piece
+
+    class Talks:
+        name = "ok"
+
+        async def stream(self, messages, settings):
+            for w in ("fine ", "words"):
+                yield Piece(w, 1)
+
+    class Crashes:
+        name = "buggy"
+
+        async def stream(self, messages, settings):
+            yield Piece("half", 1)
+            raise RuntimeError("boom")
+
+    async def run():
+        return [u async for u in side_by_side([Talks(), Crashes()], [], Settings())]
+
+    updates = asyncio.run(asyncio.wait_for(run(), 10))  # no hang
+    last = {i: u for i, *u in updates}
+    assert last[0] == ["fine words", None, True]
+    assert last[1][0] == "half" and "RuntimeError: boom" in last[1][1] and last[1][2]
