@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls home
 
@@ -18,8 +17,8 @@ from app.models import LocalModel, RemoteModel
 class PageOptions:
     open: bool = False  # with an API key set: leave the pages open instead of asking for the key
     remote: list[RemoteModel] = field(default_factory=list)  # extra arena contestants (other servers)
-    votes: Path | None = None  # the arena's SQLite file (default: $QT_HOME/arena.sqlite)
-    prompts: Path | None = None  # a prompt set for the arena (JSON / JSONL with an instruction per item)
+    votes: arena.VoteStore | None = None  # the arena's votes (default: $QT_HOME/arena.sqlite)
+    prompts: list[str] = field(default_factory=list)  # the arena's prompt set (`arena.load_prompts`)
 
 
 def page_secret() -> str:
@@ -41,12 +40,11 @@ def page_secret() -> str:
 def mount(api, served: dict, options: PageOptions, api_key: str | None) -> None:
     local = {name: LocalModel(s, api.state.metrics) for name, s in served.items()}
     contestants = {**local, **{m.name: m for m in options.remote}}
-    store = arena.VoteStore(options.votes or arena.default_db())
-    prompts = arena.load_prompts(options.prompts) if options.prompts else []
+    store = options.votes or arena.VoteStore(arena.default_db())
     # With a key, the pages ask for it (any user name) unless told to stay open.
     auth = None if (api_key is None or options.open) else (lambda _user, password: password == api_key)
     message = "This server needs its API key: any user name, the key as password."
-    gr.mount_gradio_app(api, arena.build(contestants, store, prompts), path="/arena", auth=auth,
+    gr.mount_gradio_app(api, arena.build(contestants, store, options.prompts), path="/arena", auth=auth,
                         auth_message=message, footer_links=["api"], run_history=False)
     gr.mount_gradio_app(api, chat.build(local, page_secret()), path="", auth=auth, auth_message=message,
                         footer_links=["api"], run_history=False)

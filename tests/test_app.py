@@ -295,7 +295,7 @@ def test_pages_follow_the_api_key(served, tmp_path, open_page, page_status):
     from qt_serve.api import create_app
 
     s, _ = served
-    srv = Server(create_app({"tiny": s}, api_key="k", page=PageOptions(open=open_page, votes=tmp_path / "v.sqlite")))
+    srv = Server(create_app({"tiny": s}, api_key="k", page=PageOptions(open=open_page, votes=VoteStore(tmp_path / "v.sqlite"))))
     try:
         for path in ("/config", "/arena/config"):  # what the page loads first: behind the login unless open
             assert httpx.get(srv.url + path).status_code == page_status
