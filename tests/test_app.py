@@ -151,7 +151,9 @@ def test_qt_eval_arena_prints_the_table(tmp_path, capsys):
     store = VoteStore(tmp_path / "v.sqlite")
     for i in range(6):
         store.add(vote(i, winner="a" if i < 4 else "b"))
-    assert eval_main(["arena", str(tmp_path / "v.sqlite"), "--rounds", "50", "--json", str(tmp_path / "b.json")]) == 0
+    assert eval_main(["arena", str(tmp_path / "v.sqlite"), "--rounds", "50", "--json", str(tmp_path / "b.json"),
+                      "--plot", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "6 votes" in out and "win rate of row vs column" in out
     x_line = next(line for line in out.splitlines() if line.startswith("1 "))
