@@ -405,3 +405,22 @@ def test_data_cli(tmp_path, capsys):
     assert "vocab 300 (uint16); train" in captured.out and "val" in captured.out and "test" in captured.out
     assert main(["data", str(src / "empty.txt"), "--out", str(tmp_path / "e")]) == 2
     assert "no usable text" in capsys.readouterr().err
+
+
+def test_report_after_a_worse_last_eval_and_without_a_test_split(tmp_path, capsys):
+    """report.json gives the steps trained (not best/'s step), and data made with --test-frac 0 still reports."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, doc in enumerate(documents()):
+        (src / f"doc{i:02d}.txt").write_text(doc)
+    data = prepare([str(src)], tmp_path / "d", vocab_size=400, test_frac=0.0)
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.toml")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FAST, "lr": 3.0, "warmup": 0, "eval_every": 2,
+                                                        "grad_clip": 0.0}.items()]
+    assert main(["pretrain", "--recipe", str(recipe), "--data", str(data), "--out", str(out), "--max-steps", "40",
+                 "--patience", "2", *flags]) == 0
+    report = json.loads((out / "report.json").read_text())
+    vals = losses(out, "val_loss")  # early stop: best/ is older than the last step
+    assert report["stopped"].startswith("early stop") and report["step"] == max(vals) > min(vals, key=vals.get)
+    assert set(report["perplexity"]) == {"train", "val"} and "perplexity train" in capsys.readouterr().out

@@ -86,8 +86,9 @@ def pretrain_main(args, given: set[str]) -> int:
     if report["rank"]:
         return 0
     ppl = report["perplexity"]
-    print(f"{report['checkpoint']}: perplexity train {ppl['train']:.2f}, val {ppl['val']:.2f}, "
-          f"test {ppl['test']:.2f}; {report['tokens_per_s']:,.0f} tokens/s, {report['wall_s']:.0f} s "
+    test = f", test {ppl['test']:.2f}" if "test" in ppl else ""  # data made with --test-frac 0 has none
+    print(f"{report['checkpoint']}: perplexity train {ppl['train']:.2f}, val {ppl['val']:.2f}"
+          f"{test}; {report['tokens_per_s']:,.0f} tokens/s, {report['wall_s']:.0f} s "
           f"({report['stopped']}); report: {Path(settings.out) / 'report.json'}")
     return 0
 

@@ -225,6 +225,9 @@ class Trainer:
         self.cfg = model_config(model_fields, self.shards, s)
         self.train_rows = Windows(self.shards.splits["train"], s.seq_len, s.seed, "train")
         self.val_rows = Windows(self.shards.splits["val"], s.seq_len, s.seed, "val")
+        # Built now so a too-small test split fails before training, not after; --test-frac 0 makes none.
+        test = self.shards.splits["test"]
+        self.test_rows = Windows(test, s.seq_len, s.seed, "test") if test.n else None
         self.global_batch = s.micro_batch * s.accum * self.dist.world
         torch.manual_seed(s.seed)
         self.model = Transformer(self.cfg)
@@ -449,16 +452,18 @@ class Trainer:
     def _report(self, reason, sample, tok_s, wall, fpt, peak, watts, assumption) -> dict:
         """CE and perplexity of the best checkpoint (else the last weights) on train / val / test."""
         best = self.out / "best"
+        step, tokens, elapsed = self.step, self.tokens, self.elapsed  # load() rewinds these to best's
         if (best / STATE).exists():
             self.load(best)
-        test_rows = Windows(self.shards.splits["test"], self.s.seq_len, self.s.seed, "test")
         ce = {"train": self.evaluate(self.train_rows, self.s.eval_tokens * 4),
-              "val": self.evaluate(self.val_rows, 1 << 20), "test": self.evaluate(test_rows, 1 << 20)}
+              "val": self.evaluate(self.val_rows, 1 << 20)}
+        if self.test_rows:
+            ce["test"] = self.evaluate(self.test_rows, 1 << 20)
         report = {
             "checkpoint": str(best if best.exists() else latest_checkpoint(self.out)), "stopped": reason,
-            "step": self.step, "best_step_val_loss": self.best, "tokens": self.tokens,
+            "step": step, "best_step_val_loss": self.best, "tokens": tokens,
             "cross_entropy": ce, "perplexity": {k: math.exp(v) for k, v in ce.items()},
-            "params": planner.count_params(self.cfg), "wall_s": wall, "train_s_total": self.elapsed,
+            "params": planner.count_params(self.cfg), "wall_s": wall, "train_s_total": elapsed,
             "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak if peak else None, "peak_assumption": assumption,
             "flops_per_token": fpt, "energy": progress.energy(watts, wall), "sample": sample,
             "settings": dataclasses.asdict(self.s), "world_size": self.dist.world, "rank": self.dist.rank,
