@@ -424,3 +424,9 @@ def test_report_after_a_worse_last_eval_and_without_a_test_split(tmp_path, capsy
     vals = losses(out, "val_loss")  # early stop: best/ is older than the last step
     assert report["stopped"].startswith("early stop") and report["step"] == max(vals) > min(vals, key=vals.get)
     assert set(report["perplexity"]) == {"train", "val"} and "perplexity train" in capsys.readouterr().out
+
+
+def test_logged_lr_is_the_one_each_step_trained_with(tmp_path, shards):
+    pretrain(Settings(data=str(shards), out=str(tmp_path / "run"), max_steps=3, **FAST), MODEL)
+    lr = losses(tmp_path / "run", "lr")
+    assert lr[1] == pytest.approx(FAST["lr"] / FAST["warmup"]) and lr[3] == pytest.approx(3 * FAST["lr"] / 5)

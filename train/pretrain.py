@@ -403,7 +403,7 @@ class Trainer:
         t0, tok0 = time.perf_counter(), self.tokens
         try:
             while self.step < s.max_steps and not stop:
-                t = time.perf_counter()
+                t, lr = time.perf_counter(), self.sched.get_last_lr()[0]  # this step's: train_step advances it
                 loss, norm = self.train_step()
                 dt = time.perf_counter() - t
                 self.elapsed += dt
@@ -412,7 +412,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 if d.main and (self.step % s.log_every == 0 or self.step == 1):
-                    metrics.log(self.step, loss=loss, lr=self.sched.get_last_lr()[0], grad_norm=norm, tok_s=tok_s,
+                    metrics.log(self.step, loss=loss, lr=lr, grad_norm=norm, tok_s=tok_s,
                                 mfu=mfu, tokens=self.tokens)
                 if self.step % s.eval_every == 0 or self.step == s.max_steps:
                     stop, reason, sample = self._validate(metrics, bar)
