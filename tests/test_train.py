@@ -26,7 +26,7 @@ from qt_serve.tokenizer import Tokenizer
 from train import planner, recipes
 from train.cli import main
 from train.data import Shards, Windows, prepare, read_documents, shard_dtype
-from train.pretrain import Settings, pretrain, unigram_log_probs
+from train.pretrain import Settings, latest_checkpoint, pretrain, step_dirs, unigram_log_probs
 from train.progress import read_metrics
 
 MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -430,3 +430,11 @@ def test_logged_lr_is_the_one_each_step_trained_with(tmp_path, shards):
     pretrain(Settings(data=str(shards), out=str(tmp_path / "run"), max_steps=3, **FAST), MODEL)
     lr = losses(tmp_path / "run", "lr")
     assert lr[1] == pytest.approx(FAST["lr"] / FAST["warmup"]) and lr[3] == pytest.approx(3 * FAST["lr"] / 5)
+
+
+def test_checkpoints_order_by_step_past_six_digits(tmp_path):
+    for step in (999_999, 1_000_000):
+        (tmp_path / "checkpoints" / f"step-{step:06d}").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{step:06d}" / "train_state.pt").touch()
+    assert [p.name for p in step_dirs(tmp_path)] == ["step-999999", "step-1000000"]
+    assert latest_checkpoint(tmp_path).name == "step-1000000"

@@ -327,7 +327,7 @@ class Trainer:
         state = self.state()
         self.save(self.out / "checkpoints" / f"step-{self.step:06d}", state)
         if self.dist.main:
-            for old in sorted((self.out / "checkpoints").glob("step-*"))[:-self.s.keep]:
+            for old in step_dirs(self.out)[:-self.s.keep]:
                 shutil.rmtree(old, ignore_errors=True)
 
     # ---- evaluation ----
@@ -478,8 +478,13 @@ class Trainer:
 # ---- entry point ------------------------------------------------------------------------
 
 
+def step_dirs(run_dir: Path) -> list[Path]:
+    """checkpoints/step-N oldest first, by number: past step 999999 the names outgrow the zero padding."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*") if (p / STATE).exists())
+    done = [p for p in step_dirs(run_dir) if (p / STATE).exists()]
     return done[-1] if done else None
 
 
