@@ -438,3 +438,11 @@ def test_checkpoints_order_by_step_past_six_digits(tmp_path):
         (tmp_path / "checkpoints" / f"step-{step:06d}" / "train_state.pt").touch()
     assert [p.name for p in step_dirs(tmp_path)] == ["step-999999", "step-1000000"]
     assert latest_checkpoint(tmp_path).name == "step-1000000"
+
+
+@pytest.mark.parametrize("toml, message", [("[model]\nhidden_sise = 64\n", "unknown [model] key(s) hidden_sise"),
+                                           ("[data]\nvocab = 300\n", "unknown [data] key(s) vocab")])
+def test_recipe_with_a_misspelt_key(tmp_path, capsys, toml, message):
+    (tmp_path / "r.toml").write_text(toml)
+    assert main(["plan", "--recipe", str(tmp_path / "r.toml")]) == 2
+    assert message in capsys.readouterr().err

@@ -7,6 +7,8 @@ arguments), [model] holds `ModelConfig` fields (the vocabulary size comes from t
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
 
 from qt_serve.errors import QtError
@@ -36,4 +38,14 @@ def load(spec: str) -> dict[str, dict]:
     unknown = set(recipe) - set(SECTIONS)
     if unknown:
         raise QtError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; a recipe has {', '.join(SECTIONS)}")
+    # A misspelt key would otherwise surface as a TypeError traceback deep in ModelConfig / prepare.
+    from qt_serve.config import ModelConfig
+    from train.data import prepare
+
+    known = {"model": {f.name for f in dataclasses.fields(ModelConfig)},
+             "data": set(inspect.signature(prepare).parameters) - {"out"}}
+    for section, keys in known.items():
+        bad = set(recipe.get(section, {})) - keys
+        if bad:
+            raise QtError(f"{path}: unknown [{section}] key(s) {', '.join(sorted(bad))}")
     return {k: dict(recipe.get(k, {})) for k in SECTIONS}
