@@ -446,3 +446,13 @@ def test_recipe_with_a_misspelt_key(tmp_path, capsys, toml, message):
     (tmp_path / "r.toml").write_text(toml)
     assert main(["plan", "--recipe", str(tmp_path / "r.toml")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_plan_uses_what_pretrain_would_for_a_recipe(tmp_path, capsys):
+    """Defaults of `qt-train pretrain` (vocab 4096, micro-batch 16); a long --seq-len raises the positions."""
+    recipe = write_recipe(tmp_path / "r.toml")
+    assert main(["plan", "--recipe", str(recipe), "--seq-len", "4096", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cfg = ModelConfig(**{**MODEL, "vocab_size": 4096})
+    assert result["params"] == planner.count_params(cfg)
+    assert (result["micro_batch"], result["seq_len"]) == (Settings().micro_batch, 4096)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import sys
@@ -100,9 +101,16 @@ def plan_main(args) -> int:
     if bool(args.recipe) == bool(args.config):
         raise QtError("give a model: --recipe NAME or --config CHECKPOINT_DIR_OR_CONFIG_JSON (one of them)")
     if args.recipe:
+        from train.data import prepare
+        from train.pretrain import Settings
+
         r = recipes.load(args.recipe)
-        cfg = ModelConfig(**{"vocab_size": r["data"].get("vocab_size", 32000), **r["model"]})
-        seq, mb = args.seq_len or r["train"].get("seq_len", 256), args.micro_batch or r["train"].get("micro_batch", 8)
+        # The defaults and max_position_embeddings that `qt-train pretrain` would use for this recipe.
+        vocab = r["data"].get("vocab_size", inspect.signature(prepare).parameters["vocab_size"].default)
+        seq = args.seq_len or r["train"].get("seq_len", Settings.seq_len)
+        mb = args.micro_batch or r["train"].get("micro_batch", Settings.micro_batch)
+        cfg = ModelConfig(**{"vocab_size": vocab, **r["model"],
+                             "max_position_embeddings": max(seq, r["model"].get("max_position_embeddings", 0))})
     else:
         path = Path(args.config)
         cfg = ModelConfig.load(path / "config.json" if path.is_dir() else path)
