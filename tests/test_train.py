@@ -103,10 +103,13 @@ def test_mixed_sources_skip_bad_files(tmp_path):
     import pyarrow as pa
 
     pq.write_table(pa.table({"text": ["parquet row", None]}), tmp_path / "c.parquet")
+    (tmp_path / "shards").mkdir()  # a data dir made inside the corpus is no document
+    (tmp_path / "shards" / "meta.json").write_text('{"vocab_size": 400}')
+    np.arange(64, dtype=np.uint16).tofile(tmp_path / "shards" / "train-000.bin")
     docs, skipped = read_documents([str(tmp_path)])
     assert sorted(docs) == sorted(["first document\n\nsecond paragraph", "json one", "bare string", "parquet row"])
     assert skipped == {"empty files": 1, "files not UTF-8": 1, "bad JSON lines": 1,
-                       "records without a 'text' string": 1}
+                       "records without a 'text' string": 1, "files of other types in directories": 2}
     docs, _ = read_documents([str(tmp_path / "a.txt")], doc_sep="\n\n")
     assert docs == ["first document", "second paragraph"]
 

