@@ -459,3 +459,16 @@ def test_plan_uses_what_pretrain_would_for_a_recipe(tmp_path, capsys):
     cfg = ModelConfig(**{**MODEL, "vocab_size": 4096})
     assert result["params"] == planner.count_params(cfg)
     assert (result["micro_batch"], result["seq_len"]) == (Settings().micro_batch, 4096)
+
+
+def test_resume_refuses_remade_data(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, doc in enumerate(documents()):
+        (src / f"doc{i:02d}.txt").write_text(doc)
+    data = prepare([str(src)], tmp_path / "d", vocab_size=400, seed=0)
+    run = dict(data=str(data), out=str(tmp_path / "run"), max_steps=2, **FAST)
+    pretrain(Settings(**run), MODEL)
+    prepare([str(src)], data, vocab_size=400, seed=1)  # other documents in each split, same path
+    with pytest.raises(QtError, match="was remade since"):
+        pretrain(Settings(**{**run, "resume": True}), MODEL)

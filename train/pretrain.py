@@ -24,6 +24,7 @@ Under `torchrun`, the same code runs DDP (gloo on CPU, NCCL on CUDA) or, with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -515,10 +516,18 @@ def pretrain(s: Settings, model: dict, given: set[str] | None = None) -> dict:
         raise QtError(f"nothing to resume in {run_dir} (no run.json); leave out --resume to start a new run")
     if s.data is None:
         raise QtError("no data: pass --data DIR (made by `qt-train data`) or a recipe with a [data] section")
+    # Read before rank 0 rewrites run.json below (other ranks would race it).
+    saved_id = read_json(run_dir / "run.json").get("data_id") if s.resume else None
     trainer = Trainer(s, model)
+    # The data position is a row number: a resume on remade data (same path) would silently read other rows.
+    data_id = hashlib.sha256(json.dumps(trainer.shards.meta, sort_keys=True).encode()).hexdigest()[:16]
+    if saved_id not in (None, data_id):
+        raise QtError(f"{s.data} was remade since {run_dir} started (its meta.json differs); resume on the data "
+                      "it was trained on, or start a new run with another --out")
     if trainer.dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run.json").write_text(json.dumps({"settings": dataclasses.asdict(s), "model": model}, indent=2))
+        (run_dir / "run.json").write_text(json.dumps({"settings": dataclasses.asdict(s), "model": model,
+                                                      "data_id": data_id}, indent=2))
     ckpt = latest_checkpoint(run_dir) if s.resume else None
     if ckpt is not None:
         trainer.load(ckpt)
