@@ -395,6 +395,8 @@ def test_early_stopping_on_val_loss(tmp_path, shards):
     report = pretrain(Settings(data=str(shards), out=str(tmp_path / "run"), max_steps=200, patience=2,
                                **{**FAST, "lr": 3.0, "warmup": 0, "eval_every": 2, "grad_clip": 0.0}), MODEL)
     assert report["stopped"] == "early stop: no val improvement in 2 evaluations" and report["step"] < 200
+    again = pretrain(Settings(data=str(shards), out=str(tmp_path / "run"), resume=True), {})  # stays stopped
+    assert (again["stopped"], again["step"]) == (report["stopped"], report["step"])
 
 
 def test_data_cli(tmp_path, capsys):

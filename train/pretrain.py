@@ -401,6 +401,8 @@ class Trainer:
         bar = tqdm(total=s.max_steps, initial=self.step, disable=not d.main or None, dynamic_ncols=True,
                    desc="pretrain")
         stop, interrupt, sample, reason = False, Interrupt(), "", "max_steps"
+        if s.patience and self.bad_evals >= s.patience:  # a resumed early-stopped run stays stopped
+            stop, reason = True, self._early_stop()
         t0, tok0 = time.perf_counter(), self.tokens
         try:
             while self.step < s.max_steps and not stop:
@@ -447,8 +449,11 @@ class Trainer:
         if improved:
             self.save(self.out / "best", self.state())
         if self.s.patience and self.bad_evals >= self.s.patience:
-            return True, f"early stop: no val improvement in {self.s.patience} evaluations", sample
+            return True, self._early_stop(), sample
         return False, "max_steps", sample
+
+    def _early_stop(self) -> str:
+        return f"early stop: no val improvement in {self.s.patience} evaluations"
 
     def _report(self, reason, sample, tok_s, wall, fpt, peak, watts, assumption) -> dict:
         """CE and perplexity of the best checkpoint (else the last weights) on train / val / test."""
