@@ -474,3 +474,12 @@ def test_resume_refuses_remade_data(tmp_path):
     prepare([str(src)], data, vocab_size=400, seed=1)  # other documents in each split, same path
     with pytest.raises(QtError, match="was remade since"):
         pretrain(Settings(**{**run, "resume": True}), MODEL)
+
+
+@pytest.mark.parametrize("line, message", [("seq_len = 32.0", "seq_len must be int, got 32.0"),
+                                           ('lr = "3e-4"', "lr must be float, got '3e-4'")])
+def test_recipe_train_value_of_the_wrong_type(tmp_path, shards, capsys, line, message):
+    recipe = write_recipe(tmp_path / "r.toml")
+    recipe.write_text(recipe.read_text() + f"[train]\n{line}\n")
+    assert main(["pretrain", "--recipe", str(recipe), "--data", str(shards), "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err

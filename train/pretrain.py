@@ -93,6 +93,10 @@ class Settings:
     tdp_watts: float | None = opt(None, "power for the energy estimate (default: per device, see progress.py)")
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # a recipe's TOML value can be of any type (flags are converted)
+            v, kind = getattr(self, f.name), type(f.default)
+            if f.default is not None and not (isinstance(v, kind) or kind is float and isinstance(v, int)):
+                raise QtError(f"{f.name} must be {kind.__name__}, got {v!r}")
         for name in ("seq_len", "micro_batch", "accum", "max_steps", "eval_every", "eval_tokens", "save_every",
                      "keep", "log_every"):
             if getattr(self, name) < 1:
