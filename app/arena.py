@@ -83,21 +83,20 @@ async def side_by_side(models: list, messages: list[dict], settings):
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def export_files(store: VoteStore, directory: Path) -> list[str]:
+def export_files(store: VoteStore, votes: list[dict], directory: Path) -> list[str]:
     """The votes as CSV and JSONL files for the download buttons (written whole, then renamed)."""
     paths = []
     for fmt in ("csv", "jsonl"):
         path = directory / f"arena-votes.{fmt}"
         tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        tmp.write_text(store.export(fmt), encoding="utf-8")
+        tmp.write_text(store.export(fmt, votes), encoding="utf-8")
         tmp.replace(path)
         paths.append(str(path))
     return paths
 
 
-def board_tables(store: VoteStore):
+def board_tables(votes: list[dict]):
     """(leaderboard rows, win-rate matrix, summary line) for the Leaderboard tab."""
-    votes = store.all()
     rows = ratings.leaderboard(votes)
     board = [[i + 1, r["model"], r["rating"], f"{r['ci_low']} – {r['ci_high']}", r["votes"], r["wins"], r["ties"],
               r["losses"], r["win_rate"]] for i, r in enumerate(rows)]
@@ -207,7 +206,8 @@ def build(models: dict, store: VoteStore, prompts: list[str]) -> gr.Blocks:
         exports = Path(tempfile.mkdtemp(prefix="qt-arena-"))
 
         def refresh_board():
-            return [*board_tables(store), *export_files(store, exports)]
+            votes = store.all()  # read once for the tables and both exports
+            return [*board_tables(votes), *export_files(store, votes, exports)]
 
         outs = [comparison, reply_a, reply_b, result] + vote_buttons
         ins = [prompt, temperature, top_p, max_tokens, seed]

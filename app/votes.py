@@ -75,9 +75,9 @@ class VoteStore:
             rows = db.execute("SELECT * FROM votes ORDER BY time, id").fetchall()
         return [{**dict(r), "settings": json.loads(r["settings"])} for r in rows]
 
-    def export(self, fmt: str) -> str:
-        """Every vote as CSV (settings as a JSON column) or JSON Lines."""
-        votes = self.all()
+    def export(self, fmt: str, votes: list[dict] | None = None) -> str:
+        """Every vote (or `votes`, already read) as CSV (settings as a JSON column) or JSON Lines."""
+        votes = self.all() if votes is None else votes
         if fmt == "jsonl":
             return "".join(json.dumps(v, ensure_ascii=False) + "\n" for v in votes)
         if fmt != "csv":
