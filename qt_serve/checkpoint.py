@@ -94,8 +94,9 @@ def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokeni
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    # os.replace cannot swap onto a non-empty directory: move the old one aside first,
-    # so at every instant `dst` is either the old whole checkpoint or the new one.
+    # os.replace cannot swap onto a non-empty directory: move the old one aside first. `dst` is
+    # never a half-written checkpoint; between the two renames it is missing, and a crash in that
+    # instant leaves the old one whole under `.NAME.old-PID`.
     old = None
     if dst.exists():
         old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
