@@ -87,9 +87,10 @@ def build(models: dict, secret: str, title: str = "qt chat") -> gr.Blocks:
                 model = gr.Dropdown(list(models), value=first.name, label="Model", interactive=len(models) > 1,
                                     elem_id="model")
                 system = gr.Textbox(label="System prompt", lines=3, placeholder="(none)", elem_id="system")
-                temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0: greedy)",
+                start = first.defaults()  # the model's own sampling defaults, as the API applies them
+                temperature = gr.Slider(0, 2, value=start.temperature, step=0.05, label="Temperature (0: greedy)",
                                         elem_id="temperature")
-                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
+                top_p = gr.Slider(0.05, 1, value=start.top_p, step=0.05, label="Top-p")
                 max_tokens = gr.Slider(1, ctx, value=min(512, ctx), step=1, label="Max new tokens",
                                        elem_id="max-tokens")
                 seed = gr.Textbox(label="Seed", placeholder="random", elem_id="seed")

@@ -17,9 +17,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
-from qt_serve.api import FAILED, APIError, Served, Tracker, context_check, engine_error, failure
 from qt_serve.errors import QtError
-from qt_serve.sampling import SamplingParams
+from qt_serve.service import Generator, RequestError
 
 
 class ChatError(Exception):
@@ -82,47 +81,37 @@ class Pacer:
 
 
 class LocalModel:
-    """A model this process serves: straight into its engine, counted in /metrics like API requests."""
+    """A model this process serves: through its `Generator`, as the API's requests are (same defaults,
+    context check, metrics and errors)."""
 
-    def __init__(self, served: Served, metrics):
-        self.name, self.served, self.metrics = served.name, served, metrics
+    def __init__(self, gen: Generator):
+        self.name, self.gen = gen.name, gen
 
     @property
     def context(self) -> int:
-        return self.served.engine.max_seq_len
+        return self.gen.context
+
+    def defaults(self) -> Settings:
+        """The page's starting settings: the checkpoint's own sampling defaults (generation_config.json)."""
+        d = self.gen.defaults
+        return Settings(temperature=d.get("temperature", 1.0), top_p=d.get("top_p", 1.0))
 
     async def stream(self, messages: list[dict], settings: Settings) -> AsyncIterator[Piece]:
-        engine = self.served.engine
-        if engine.tokenizer is None:
-            raise ChatError(f"model {self.name!r} has no tokenizer, so it cannot chat")
         try:
-            ids = engine.tokenizer.encode_chat(messages)
+            ids = self.gen.encode_chat(messages)
             # "Max new tokens" is an upper bound here: a long chat gets what room the context has left.
-            room = max(self.context - len(ids), 1)
-            max_tokens = context_check(self.served, len(ids), min(settings.max_tokens, room))
-            params = SamplingParams(max_tokens=max_tokens, temperature=settings.temperature, top_p=settings.top_p,
-                                    seed=settings.seed)
-            deltas = engine.stream(ids, params)
-            tracker = Tracker(self.metrics, self.name, f"page-{uuid.uuid4().hex[:12]}", len(ids))
-        except APIError as e:
+            params = self.gen.sampling(len(ids), settings.max_tokens, clamp=True, temperature=settings.temperature,
+                                       top_p=settings.top_p, seed=settings.seed)
+            run = self.gen.open([ids], [params], self.gen.track(f"page-{uuid.uuid4().hex[:12]}", len(ids)))
+        except RequestError as e:
             raise ChatError(e.message) from None
-        except QtError as e:
-            raise ChatError(engine_error(e).message) from None
-        finish = None
         try:
-            async for d in deltas:
-                if d.finish_reason in FAILED:
-                    finish = d.finish_reason
-                    raise ChatError(failure(d).message)
-                if d.token is not None:
-                    tracker.token()
-                finish = d.finish_reason
-                yield Piece(d.text, tracker.tokens)
-        except QtError as e:
-            raise ChatError(engine_error(e).message) from None
+            async for _, d in run:
+                yield Piece(d.text, run.tracker.tokens)
+        except RequestError as e:
+            raise ChatError(e.message) from None
         finally:
-            await deltas.aclose()  # cancels the request and frees its KV row if we stop early
-            tracker.done(finish or "cancelled")
+            await run.aclose()  # cancels the request and frees its KV row if we stop early
 
 
 class RemoteModel:
@@ -134,6 +123,9 @@ class RemoteModel:
         self.name, self.model = name, model or name
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none", max_retries=0, timeout=600)
         self.context = None
+
+    def defaults(self) -> Settings:
+        return Settings()
 
     async def stream(self, messages: list[dict], settings: Settings) -> AsyncIterator[Piece]:
         import openai

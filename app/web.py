@@ -37,14 +37,24 @@ def page_secret() -> str:
     return path.read_text().strip()
 
 
-def mount(api, served: dict, options: PageOptions, api_key: str | None) -> None:
-    local = {name: LocalModel(s, api.state.metrics) for name, s in served.items()}
+def mount(api, generators: dict, options: PageOptions, api_key: str | None) -> None:
+    import hmac
+
+    from fastapi.responses import RedirectResponse
+
+    local = {name: LocalModel(g) for name, g in generators.items()}
     contestants = {**local, **{m.name: m for m in options.remote}}
     store = options.votes or arena.VoteStore(arena.default_db())
-    # With a key, the pages ask for it (any user name) unless told to stay open.
-    auth = None if (api_key is None or options.open) else (lambda _user, password: password == api_key)
+
+    def auth(_user: str, password: str) -> bool:  # the key in constant time, any user name
+        return hmac.compare_digest(password.encode(), api_key.encode())
+
+    # With a key, the pages ask for it unless told to stay open.
+    login = None if (api_key is None or options.open) else auth
     message = "This server needs its API key: any user name, the key as password."
-    gr.mount_gradio_app(api, arena.build(contestants, store, options.prompts), path="/arena", auth=auth,
+    # /arena (as people type it) goes to the mounted app at /arena/.
+    api.add_api_route("/arena", lambda: RedirectResponse("/arena/"), include_in_schema=False)
+    gr.mount_gradio_app(api, arena.build(contestants, store, options.prompts), path="/arena", auth=login,
                         auth_message=message, footer_links=["api"], run_history=False)
-    gr.mount_gradio_app(api, chat.build(local, page_secret()), path="", auth=auth, auth_message=message,
+    gr.mount_gradio_app(api, chat.build(local, page_secret()), path="", auth=login, auth_message=message,
                         footer_links=["api"], run_history=False)

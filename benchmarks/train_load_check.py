@@ -1,4 +1,4 @@
-"""A trained checkpoint loads unchanged in qt (qt-chat's LLM), the server (load_served + HTTP) and transformers.
+"""A trained checkpoint loads unchanged in qt (qt-chat's LLM), the server (load_generators + HTTP) and transformers.
 
     python benchmarks/train_load_check.py /work/runs/tiny/best
 """
@@ -13,7 +13,7 @@ import torch
 import transformers
 from fastapi.testclient import TestClient
 
-from qt_serve.api import create_app, load_served
+from qt_serve.api import create_app, load_generators
 from qt_serve.checkpoint import load
 
 PROMPT = "ROMEO.\nBut soft, what light"
@@ -31,7 +31,7 @@ def main() -> None:
     result["transformers"] = {"same_token_ids": ids[0].tolist() == ckpt.tokenizer.encode(PROMPT),
                               "max_abs_logit_diff": diff,
                               "greedy": tok.decode(hf.generate(ids, max_new_tokens=24, do_sample=False)[0])}
-    served = load_served([f"tiny={path}"], max_seq_len=256)
+    served = load_generators([f"tiny={path}"], max_seq_len=256)
     with TestClient(create_app(served)) as client:
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 24,
                                                  "temperature": 0})

@@ -264,8 +264,9 @@ def plot_serve(result: dict, path: Path) -> None:
 
 
 def serve(args) -> dict:
-    from qt_serve.api import Served, create_app
+    from qt_serve.api import create_app
     from qt_serve.engine import Engine
+    from qt_serve.service import Generator
 
     torch.set_grad_enabled(False)
     ckpt = load_model(args.model)
@@ -280,8 +281,8 @@ def serve(args) -> dict:
               "new_tokens": args.new_tokens, "requests": args.requests, "max_batch": args.max_batch,
               "hf": base, "levels": []}
     # The KV cache is max_batch rows of exactly one request's length: the model's own context would be wasted RAM.
-    engine = Engine(ckpt, max_batch=args.max_batch, max_seq_len=args.prompt + args.new_tokens)
-    with serving(create_app({args.model: Served(args.model, engine, int(time.time()))})) as url:
+    engine = Engine.load(ckpt, max_batch=args.max_batch, max_seq_len=args.prompt + args.new_tokens)
+    with serving(create_app({args.model: Generator(args.model, engine, ckpt.generation_config)})) as url:
         asyncio.run(load_level(url, args.model, [prompts[0][:16]], 4, 1))  # warm-up, as for HF
         for c in args.concurrency:
             r = asyncio.run(load_level(url, args.model, prompts, args.new_tokens, c))

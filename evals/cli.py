@@ -1,4 +1,4 @@
-"""`qt-eval`: measurements from the command line."""
+"""`qt-eval` and `qt-bench`: measurements from the command line."""
 
 from __future__ import annotations
 
@@ -18,3 +18,17 @@ def main(argv=None) -> int:
     a.set_defaults(run=arena.main)
     args = ap.parse_args(argv)
     return args.run(args)
+
+
+def eval_main(argv=None) -> int:
+    from qt_serve.cli import run
+
+    return run(lambda: main(argv))
+
+
+def bench_main(argv=None) -> int:
+    from qt_serve.cli import run
+
+    from evals import bench
+
+    return run(lambda: bench.main(argv))

@@ -52,9 +52,9 @@ def chat_main(argv=None) -> int:
                                  epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(ap)
     ap.add_argument("--system", default=None, help="system prompt")
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--max-tokens", type=positive, default=512)
+    ap.add_argument("--temperature", type=float, default=None, help="default: the model's (generation_config.json)")
+    ap.add_argument("--top-p", type=float, default=None, help="default: the model's")
+    ap.add_argument("--max-tokens", type=positive, default=512, help="new tokens at most per reply")
     ap.add_argument("--seed", type=int, default=None)
     args = ap.parse_args(argv)
     return run(lambda: chat(args))
@@ -64,11 +64,8 @@ def chat(args) -> int:
     import torch
 
     from qt_serve.generate import LLM
-    from qt_serve.sampling import SamplingParams
 
     torch.set_grad_enabled(False)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
     llm = LLM.load(args.model, dtype=args.dtype, device=args.device, max_seq_len=args.max_seq_len)
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         raise QtError(f"{args.model} has no tokenizer with a chat_template, so it cannot chat")
@@ -107,7 +104,10 @@ def chat(args) -> int:
         reply, n, start, first = [], 0, time.perf_counter(), None
         print("bot> ", end="", flush=True)
         try:
-            for delta in llm.stream(messages, params):
+            ids = llm.encode(messages)
+            params = llm.gen.sampling(len(ids), args.max_tokens, clamp=True, temperature=args.temperature,
+                                      top_p=args.top_p, seed=args.seed)
+            for delta in llm.gen.stream_sync(ids, params):
                 if first is None:
                     first = time.perf_counter() - start
                 n += delta.token is not None
@@ -126,6 +126,13 @@ def chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def page_plugins() -> list:
+    """Packages that put pages on the server (entry point group `qt_serve.pages`; qt's own is app/)."""
+    from importlib.metadata import entry_points
+
+    return [ep.load() for ep in entry_points(group="qt_serve.pages")]
+
+
 def serve_main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qt-serve", description="OpenAI-compatible HTTP server for small models.")
     ap.add_argument("--model", action="append", default=None, metavar="[NAME=]SPEC",
@@ -136,71 +143,57 @@ def serve_main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=positive, default=4096, help="context length per request (KV cache rows)")
     ap.add_argument("--max-batch", type=positive, default=8, help="requests decoded together (KV cache slots)")
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get HTTP 429")
-    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on; 0.0.0.0 opens the server to the network (set --api-key then)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (also $QT_API_KEY)")
+    ap.add_argument("--open-docs", action="store_true",
+                    help="with --api-key: leave /docs, /openapi.json and /metrics open (the model routes still "
+                         "want the key)")
     ap.add_argument("--max-body-bytes", type=positive, default=1 << 20)
     ap.add_argument("--request-timeout", type=float, default=None,
                     help="seconds a request may take, queueing included; past it: HTTP 504 (default: no limit)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    page = ap.add_argument_group("chat page (/) and arena (/arena)")
-    page.add_argument("--no-page", action="store_true", help="serve the API only (/ redirects to /docs)")
-    page.add_argument("--open-page", action="store_true",
-                      help="with --api-key: leave the pages open instead of asking for the key")
-    page.add_argument("--arena-model", action="append", default=[], metavar="NAME=URL[#MODEL]",
-                      help="add a model of another OpenAI-compatible server to the arena (key from $NAME_API_KEY)")
-    page.add_argument("--arena-db", default=None, help="SQLite file for arena votes (default $QT_HOME/arena.sqlite)")
-    page.add_argument("--arena-prompts", default=None, metavar="FILE",
-                      help="prompt set for the arena's 'Random prompt': JSON / JSONL of instructions, or "
-                           "'alpaca-eval' (AlpacaEval's 805, fetched once from PyPI)")
+    plugins = page_plugins()
+    for plugin in plugins:
+        plugin.add_flags(ap)
     args = ap.parse_args(argv)
-    if args.no_page and (args.open_page or args.arena_model or args.arena_db or args.arena_prompts):
-        ap.error("--open-page and the --arena-* flags set up the pages, which --no-page turns off")
-    return run(lambda: serve(args))
+    return run(lambda: serve(args, plugins))
 
 
-def serve(args) -> int:
+def serve(args, plugins: list) -> int:
     import logging
     import os
     import signal
 
     import uvicorn
 
-    from qt_serve.api import create_app, load_served
+    from qt_serve.api import create_app, load_generators
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    page = None
-    if not args.no_page:  # first: a mistyped page flag fails before minutes of model loading
-        from app.arena import VoteStore, load_prompts
-        from app.models import parse_remote
-        from app.web import PageOptions
+    log = logging.getLogger("qt_serve.cli")
+    api_key = args.api_key or os.environ.get("QT_API_KEY")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        log.warning("listening on %s with no API key: anyone who can reach this port can use the models "
+                    "(set --api-key or $QT_API_KEY)", args.host)
+    pages = [(p, p.prepare(args)) for p in plugins]  # first: a mistyped page flag fails before model loading
+    pages = [(p, options) for p, options in pages if options is not None]
+    generators = load_generators(args.model or [DEFAULT_MODEL], dtype=args.dtype, device=args.device,
+                                 max_seq_len=args.max_model_len, max_batch=args.max_batch, max_queue=args.max_queue,
+                                 request_timeout=args.request_timeout)
 
-        page = PageOptions(open=args.open_page, remote=[parse_remote(m) for m in args.arena_model],
-                           votes=VoteStore(args.arena_db) if args.arena_db else None,
-                           prompts=load_prompts(args.arena_prompts) if args.arena_prompts else [])
-    served = load_served(args.model or [DEFAULT_MODEL], dtype=args.dtype, device=args.device,
-                         max_seq_len=args.max_model_len, max_batch=args.max_batch, max_queue=args.max_queue,
-                         request_timeout=args.request_timeout)
-    app = create_app(served, api_key=args.api_key or os.environ.get("QT_API_KEY"),
-                     max_body_bytes=args.max_body_bytes, page=page)
+    def mount(app):
+        for plugin, options in pages:
+            plugin.mount(app, generators, options, api_key)
+
+    app = create_app(generators, api_key=api_key, max_body_bytes=args.max_body_bytes, open_docs=args.open_docs,
+                     mount=mount if pages else None)
     # SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight streams finish for up to 10 s, then
-    # cancels them; the app's shutdown then stops the engines. uvicorn re-raises the signal to the
-    # handler that was there before it; a no-op one makes a SIGTERM shutdown exit 0.
+    # cancels them; the app's shutdown then stops the engines (bounded too). uvicorn re-raises the
+    # signal to the handler that was there before it; a no-op one makes a SIGTERM shutdown exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
     return 0
-
-
-def bench_main(argv=None) -> int:
-    from evals import bench
-
-    return run(lambda: bench.main(argv))
-
-
-def eval_main(argv=None) -> int:
-    from evals import cli
-
-    return run(lambda: cli.main(argv))
 
 
 if __name__ == "__main__":

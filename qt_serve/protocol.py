@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from qt_serve.sampling import SamplingParams
+from qt_serve.errors import QtError
 
 
 class Lenient(BaseModel):
@@ -24,15 +24,18 @@ class StreamOptions(Lenient):
 
 
 class SamplingFields(Lenient):
+    """Sampling values of a request. Unset (None) ones take the model's defaults from its
+    generation_config.json, then `SamplingParams`' own (as vLLM does)."""
+
     model: str | None = None
     max_tokens: int | None = Field(None, description="new tokens at most; default: the rest of the context")
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = Field(0, description="vLLM extension; 0 or -1 disables")
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(None, description="vLLM extension; 0 or -1 disables")
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -45,21 +48,19 @@ class SamplingFields(Lenient):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    def sampling(self, max_tokens: int | None, logprobs: int | None, default_max: int) -> SamplingParams:
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+    def sampling_values(self, logprobs: int | None) -> dict[str, Any]:
+        """`SamplingParams` keyword values of this request (None where unset), max_tokens aside."""
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
         try:
-            bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+            bias = {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
         except ValueError:
-            from qt_serve.errors import QtError
-
             raise QtError("logit_bias keys must be token ids (integers as strings)") from None
-        return SamplingParams(
-            max_tokens=default_max if max_tokens is None else max_tokens, temperature=self.temperature,
-            top_k=max(self.top_k, 0), top_p=self.top_p, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stop,
-            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-            logit_bias=bias, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens)
+        top_k = None if self.top_k is None else max(self.top_k, 0)
+        return dict(temperature=self.temperature, top_k=top_k, top_p=self.top_p, min_p=self.min_p,
+                    repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+                    frequency_penalty=self.frequency_penalty, seed=self.seed, stop=stop,
+                    stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                    logit_bias=bias, logprobs=logprobs, skip_special_tokens=self.skip_special_tokens)
 
 
 class ChatMessage(Lenient):
@@ -70,6 +71,11 @@ class ChatMessage(Lenient):
         if isinstance(self.content, list):  # OpenAI content parts: keep the text ones
             return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
         return self.content or ""
+
+
+def plain(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template takes them: role and text content."""
+    return [{"role": m.role, "content": m.text()} for m in messages]
 
 
 class ChatCompletionRequest(SamplingFields):

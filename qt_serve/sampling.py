@@ -4,21 +4,49 @@ Order of operations (as in HF and vLLM): logit bias -> repetition / presence /
 frequency penalties -> min_tokens (EOS masked) -> temperature -> top-k -> top-p ->
 min-p -> draw. Temperature 0 means greedy. A request's seed fixes its draws
 whatever else the process is doing (each request owns its torch.Generator).
+
+Numerics: `SamplingParams` rejects NaN and infinities and values outside the ranges
+below, so no request can push NaN into a batch. Within those ranges the sampler
+never raises: a temperature under `GREEDY_BELOW` is greedy (as in vLLM); after the
+filters NaN counts as excluded (-inf), and tokens that overflowed to +inf (a tiny
+repetition penalty dividing a positive logit) are the only candidates; if nothing
+is left the token is the raw logits' argmax.
+
+Accepted ranges (OpenAI's where it documents one, else vLLM's):
+    temperature ≥ 0 (finite)     top_p in (0, 1]        min_p in [0, 1]      top_k ≥ 0
+    repetition_penalty > 0 (finite)     presence_penalty, frequency_penalty in [-2, 2]
+    logit_bias values in [-100, 100]    logprobs in [0, 20]
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from qt_serve.errors import QtError
 
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature under it samples greedily
+LOGIT_BIAS_MAX = 100.0  # OpenAI: "values between -100 and 100"
+NEG_INF = float("-inf")
+FP32_TINY, FP32_MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+
+
+def _finite(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise QtError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise QtError(f"{name} must be a finite number, got {value}")
+    return value
+
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0 (or anything under GREEDY_BELOW): greedy
     top_k: int = 0  # 0: off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -35,6 +63,11 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            _finite(name, getattr(self, name))
+        for t, b in self.logit_bias.items():
+            _finite(f"logit_bias[{t}]", b)
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be ≥ 0, got {self.temperature}"),
@@ -48,7 +81,8 @@ class SamplingParams:
             (self.min_tokens >= 0, f"min_tokens must be ≥ 0, got {self.min_tokens}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.seed is None or -2**63 <= self.seed < 2**64, f"seed must fit in 64 bits, got {self.seed}"),
-        ]
+        ] + [(-LOGIT_BIAS_MAX <= b <= LOGIT_BIAS_MAX,
+              f"logit_bias[{t}] must be in [-100, 100], got {b}") for t, b in self.logit_bias.items()]
         for ok, message in checks:
             if not ok:
                 raise QtError(message)
@@ -56,12 +90,51 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
     def check_tokens(self, vocab_size: int) -> None:
         """Token ids named by logit_bias and stop_token_ids must exist in the model's vocabulary."""
         for name, ids in (("logit_bias", self.logit_bias), ("stop_token_ids", self.stop_token_ids)):
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
                 raise QtError(f"{name} names token {bad[0]}, outside the vocabulary [0, {vocab_size})")
+
+
+# Hugging Face generation_config.json keys -> SamplingParams fields (vLLM reads the same ones).
+GENERATION_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                          "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def defaults_from_generation_config(gen: dict, source: str = "generation_config.json") -> dict[str, Any]:
+    """A checkpoint's generation_config.json -> SamplingParams keyword defaults.
+
+    Maps temperature, top_p, top_k, min_p, repetition_penalty and max_new_tokens (-> max_tokens);
+    `do_sample: false` means greedy (temperature 0), as in transformers. Other keys and null values
+    are ignored. A value SamplingParams would reject is a QtError naming `source` and the key.
+    """
+    out: dict[str, Any] = {}
+    for key, name in GENERATION_CONFIG_KEYS.items():
+        value = gen.get(key)
+        if value is None:
+            continue
+        integral = name in ("top_k", "max_tokens")
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            raise QtError(f"{source}: {key} must be {'an integer' if integral else 'a number'}, got {value!r}")
+        if name == "top_k" and value < 0:
+            value = 0  # some configs write -1 for "off"
+        try:
+            SamplingParams(**{name: value})
+        except QtError as e:
+            raise QtError(f"{source}: {key} = {value!r} is not usable: {e}") from None
+        out[name] = float(value) if not integral else value
+    do_sample = gen.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise QtError(f"{source}: do_sample must be true or false, got {do_sample!r}")
+    if do_sample is False:
+        out["temperature"] = 0.0
+    return out
 
 
 @dataclass
@@ -93,7 +166,7 @@ class Sampler:
         self.n_out = 0
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
-        """(vocab,) raw logits -> processed fp32 logits; -inf marks excluded tokens."""
+        """(vocab,) raw logits -> processed fp32 logits; -inf marks excluded tokens, nothing is NaN or +inf."""
         p = self.p
         x = logits.float()[: self.vocab_size]
         if p.logit_bias or self.n_out < p.min_tokens:
@@ -101,31 +174,38 @@ class Sampler:
         for t, b in p.logit_bias.items():
             x[t] += b
         if p.repetition_penalty != 1.0:
-            pen = torch.where(x > 0, x / p.repetition_penalty, x * p.repetition_penalty)
+            # Within fp32's normal range the penalty is never 0 or inf, so it never makes 0 * inf = NaN;
+            # x / rp may overflow to +inf, which _finite_or_excluded handles.
+            rp = min(max(p.repetition_penalty, FP32_TINY), FP32_MAX)
+            pen = torch.where(x > 0, x / rp, x * rp)
             x = torch.where(self.seen, pen, x)
         if p.presence_penalty or p.frequency_penalty:
             x = x - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0)
         if self.n_out < p.min_tokens:
-            x[self.eos_ids + list(p.stop_token_ids)] = float("-inf")
-        if p.temperature == 0:
-            return x
-        x = x / p.temperature
+            x[self.eos_ids + list(p.stop_token_ids)] = NEG_INF
+        if p.greedy:
+            return _finite_or_excluded(x)
+        x = _finite_or_excluded(x / p.temperature)
+        if not bool(x.max() > NEG_INF):
+            return x  # nothing left to filter; __call__ falls back to the raw argmax
         if p.top_k and p.top_k < x.numel():
             kth = torch.topk(x, p.top_k).values[-1]
-            x = x.masked_fill(x < kth, float("-inf"))
+            x = x.masked_fill(x < kth, NEG_INF)
         if p.top_p < 1.0:
             sorted_x, order = torch.sort(x, descending=True)
-            cum = sorted_x.softmax(-1).cumsum(-1)
-            drop = cum - sorted_x.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
-            x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
+            probs = sorted_x.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest set reaching top_p
+            x = x.scatter(0, order, sorted_x.masked_fill(drop, NEG_INF))
         if p.min_p > 0:
             probs = x.softmax(-1)
-            x = x.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+            x = x.masked_fill(probs < p.min_p * probs.max(), NEG_INF)
         return x
 
     def __call__(self, logits: torch.Tensor) -> Choice:
         x = self.process(logits)
-        if self.p.temperature == 0:
+        if not bool(x.max() > NEG_INF):  # everything excluded (NaN / -inf logits): the raw argmax, never a raise
+            token = int(torch.argmax(logits.float()[: self.vocab_size].nan_to_num(nan=NEG_INF)))
+        elif self.p.greedy:
             token = int(torch.argmax(x))
         else:
             token = int(torch.multinomial(x.softmax(-1), 1, generator=self.generator))
@@ -134,12 +214,20 @@ class Sampler:
             lp = torch.log_softmax(logits.float()[: self.vocab_size], -1)
             choice.logprob = float(lp[token])
             if self.p.logprobs:
-                top = torch.topk(lp, self.p.logprobs)
+                top = torch.topk(lp, min(self.p.logprobs, lp.numel()))
                 choice.top = list(zip(top.indices.tolist(), top.values.tolist()))
         self.seen[token] = True
         self.counts[token] += 1
         self.n_out += 1
         return choice
+
+
+def _finite_or_excluded(x: torch.Tensor) -> torch.Tensor:
+    """NaN -> -inf (excluded); if any logit overflowed to +inf, those tokens alone remain, equally likely."""
+    x = x.masked_fill(x.isnan(), NEG_INF)
+    if bool(x.max() == float("inf")):
+        x = torch.where(x == float("inf"), 0.0, NEG_INF)
+    return x
 
 
 class StopStrings:

@@ -61,6 +61,18 @@ def tiny_model(seed: int = 0, **kw) -> Transformer:
     return model
 
 
+def recompute_greedy(ckpt_dir, prompt: list[int], n: int) -> list[int]:
+    """The reference for every cached, batched or swapped decoding path: the checkpoint's plain model
+    (no decode-time swaps), no KV cache, the whole sequence through it for every new token."""
+    from qt_serve.checkpoint import load
+
+    model, ids = load(ckpt_dir).model, list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path, tokenizer):
     """A saved checkpoint directory with a random tiny model and the test tokenizer."""

@@ -146,7 +146,7 @@ def test_a_file_that_is_not_sqlite(tmp_path):
 
 
 def test_qt_eval_arena_prints_the_table(tmp_path, capsys):
-    from qt_serve.cli import eval_main
+    from evals.cli import eval_main
 
     store = VoteStore(tmp_path / "v.sqlite")
     for i in range(6):
@@ -211,12 +211,12 @@ def test_remote_spec():
 def served(tmp_path_factory):
     from conftest import build_tokenizer, tiny_model
 
-    from qt_serve.api import create_app, load_served
+    from qt_serve.api import create_app, load_generators
     from qt_serve.checkpoint import save_checkpoint
 
     tok = build_tokenizer()
     ckpt = save_checkpoint(tmp_path_factory.mktemp("m") / "tiny", tiny_model(vocab_size=tok.vocab_size), tok)
-    served = load_served([f"tiny={ckpt}"], max_seq_len=64, max_batch=2)
+    served = load_generators([f"tiny={ckpt}"], max_seq_len=64, max_batch=2)
     app = create_app(served)
     yield served["tiny"], app
     served["tiny"].engine.shutdown(True, 5)
@@ -228,16 +228,16 @@ async def collect(model, messages, settings):
 
 def test_local_model_streams_and_counts(served):
     s, app = served
-    model = LocalModel(s, app.state.metrics)
+    model = LocalModel(s)
     pieces = asyncio.run(collect(model, [{"role": "user", "content": "To be"}], Settings(temperature=0, max_tokens=8)))
     assert pieces[-1].tokens == 8 and "".join(p.text for p in pieces)
-    assert b'qt_generation_tokens_total{model="tiny"} 8.0' in app.state.metrics.render()
+    assert b'qt_generation_tokens_total{model="tiny"} 8.0' in app.state.metrics.render(app.state.generators)
 
 
 def test_local_model_reports_the_context_error(served):
     s, app = served
     with pytest.raises(ChatError, match="context is 64 tokens"):
-        asyncio.run(collect(LocalModel(s, app.state.metrics), [{"role": "user", "content": "word " * 200}],
+        asyncio.run(collect(LocalModel(s), [{"role": "user", "content": "word " * 200}],
                             Settings()))
 
 
@@ -245,7 +245,7 @@ def test_local_model_stopped_early_frees_its_slot(served):
     s, app = served
 
     async def first_then_stop():
-        stream = LocalModel(s, app.state.metrics).stream([{"role": "user", "content": "Hi"}],
+        stream = LocalModel(s).stream([{"role": "user", "content": "Hi"}],
                                                          Settings(max_tokens=40))
         await anext(stream)
         assert s.engine.stats()["running"] == 1
@@ -268,7 +268,7 @@ def test_remote_model_over_http(served):
 
     async def talk():  # one event loop, as in the server: the client's connections belong to it
         via_http = await collect(remote, hi, Settings(temperature=0, max_tokens=6))
-        in_process = await collect(LocalModel(s, app.state.metrics), hi, Settings(temperature=0, max_tokens=6))
+        in_process = await collect(LocalModel(s), hi, Settings(temperature=0, max_tokens=6))
         assert "".join(p.text for p in via_http) == "".join(p.text for p in in_process)
         with pytest.raises(ChatError, match="other: .*context is 64 tokens"):
             await collect(remote, [{"role": "user", "content": "word " * 200}], Settings())
@@ -293,11 +293,12 @@ def test_pages_follow_the_api_key(served, tmp_path, open_page, page_status):
     import httpx
     from conftest import Server
 
-    from app.web import PageOptions
+    from app.web import PageOptions, mount
     from qt_serve.api import create_app
 
     s, _ = served
-    srv = Server(create_app({"tiny": s}, api_key="k", page=PageOptions(open=open_page, votes=VoteStore(tmp_path / "v.sqlite"))))
+    options = PageOptions(open=open_page, votes=VoteStore(tmp_path / "v.sqlite"))
+    srv = Server(create_app({"tiny": s}, api_key="k", mount=lambda app: mount(app, {"tiny": s}, options, "k")))
     try:
         for path in ("/config", "/arena/config"):  # what the page loads first: behind the login unless open
             assert httpx.get(srv.url + path).status_code == page_status

@@ -1,14 +1,15 @@
-"""The batched engine against single-sequence generation: same tokens, rows freed, prefixes reused."""
+"""The batched engine against full recompute without a cache: same tokens, rows freed, prefixes reused."""
 
 import asyncio
 import time
 
 import pytest
+import torch
+from conftest import recompute_greedy
 
 from qt_serve import checkpoint
 from qt_serve.engine import Engine, QueueFull
 from qt_serve.errors import QtError
-from qt_serve.generate import LLM
 from qt_serve.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
@@ -16,7 +17,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 @pytest.fixture
 def engine(tiny_ckpt):
-    eng = Engine(checkpoint.load(tiny_ckpt), max_batch=3, max_queue=16, max_seq_len=200)
+    eng = Engine.load(checkpoint.load(tiny_ckpt), max_batch=3, max_queue=16, max_seq_len=200)
     yield eng
     eng.shutdown(cancel_running=True)
 
@@ -35,8 +36,7 @@ async def collect(engine, prompt, params=GREEDY):
 
 def test_more_requests_than_slots_match_generate(engine, tiny_ckpt, tokenizer):
     prompts = [tokenizer.encode(t) for t in ["To be", "the slings", "Paris is", "café", "12345", "or not", "Tokyo"]]
-    llm = LLM.load(tiny_ckpt)
-    alone = [llm.generate(p, GREEDY).tokens for p in prompts]
+    alone = [recompute_greedy(tiny_ckpt, p, 24) for p in prompts]
 
     async def run():
         mixed = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (24, 5, 24, 1, 24, 9, 24)]
@@ -58,16 +58,16 @@ def test_chat_history_prefix_is_reused(engine, tiny_ckpt, tokenizer):
     before = engine.stats()["prefix_reused_tokens"]
     out2 = asyncio.run(collect(engine, ids2))
     assert engine.stats()["prefix_reused_tokens"] - before >= len(ids1)
-    assert out2 == LLM.load(tiny_ckpt).generate(ids2, GREEDY).tokens
+    assert out2 == recompute_greedy(tiny_ckpt, ids2, 24)
 
 
 def test_lone_prompt_longer_than_a_prefill_chunk(tiny_ckpt, tokenizer):
     # A prompt prefilled over several steps with nobody else running: the first steps need no logits.
-    eng = Engine(checkpoint.load(tiny_ckpt), max_batch=2, max_seq_len=200, prefill_chunk=16)
+    eng = Engine.load(checkpoint.load(tiny_ckpt), max_batch=2, max_seq_len=200, prefill_chunk=16)
     try:
         prompt = tokenizer.encode("To be, or not to be, that is the question: " * 4)
         assert len(prompt) > 3 * 16
-        assert asyncio.run(collect(eng, prompt)) == LLM.load(tiny_ckpt).generate(prompt, GREEDY).tokens
+        assert asyncio.run(collect(eng, prompt)) == recompute_greedy(tiny_ckpt, prompt, 24)
     finally:
         eng.shutdown(cancel_running=True)
 
@@ -76,11 +76,11 @@ def test_lone_prompt_longer_than_a_prefill_chunk(tiny_ckpt, tokenizer):
                                          (dict(request_timeout=0), "request_timeout must be > 0")])
 def test_bad_engine_settings(tiny_ckpt, kw, message):
     with pytest.raises(QtError, match=message):  # max_batch=0 would otherwise queue requests forever
-        Engine(checkpoint.load(tiny_ckpt), **kw)
+        Engine.load(checkpoint.load(tiny_ckpt), **kw)
 
 
 def test_cancel_frees_row_and_queue_bound(tiny_ckpt, tokenizer):
-    eng = Engine(checkpoint.load(tiny_ckpt), max_batch=1, max_queue=1, max_seq_len=200)
+    eng = Engine.load(checkpoint.load(tiny_ckpt), max_batch=1, max_queue=1, max_seq_len=200)
     long = SamplingParams(max_tokens=150, ignore_eos=True)
 
     async def run():
@@ -94,3 +94,32 @@ def test_cancel_frees_row_and_queue_bound(tiny_ckpt, tokenizer):
     asyncio.run(run())
     eng.shutdown(cancel_running=True, timeout=10)
     assert eng.stats() == {"running": 0, "waiting": 0, "slots": 1, "prefix_reused_tokens": 0}
+
+
+def test_prompt_scores_over_several_chunks_match_transformers(tiny_ckpt, tokenizer):
+    # Scoring is taken chunk by chunk during prefill (bounded memory), beside a request that decodes.
+    from transformers import LlamaForCausalLM
+
+    eng = Engine.load(checkpoint.load(tiny_ckpt), max_batch=2, max_seq_len=200, prefill_chunk=16)
+    prompt = tokenizer.encode("To be, or not to be, that is the question: " * 3)
+    assert len(prompt) > 2 * 16
+    hf = LlamaForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0], -1)
+
+    async def run():
+        other = asyncio.ensure_future(collect(eng, tokenizer.encode("Paris is")))
+        got = [d async for d in eng.stream(prompt, None, prompt_logprobs=3)]
+        return got, await other
+
+    try:
+        got, other = asyncio.run(run())
+    finally:
+        eng.shutdown(cancel_running=True)
+    assert len(got) == 1 and got[0].finish_reason == "length"  # scoring only: one delta, nothing generated
+    scores = got[0].prompt_logprobs
+    assert [c.token for c in scores] == prompt[1:]
+    for j, c in enumerate(scores):
+        assert c.logprob == pytest.approx(float(ref[j, prompt[j + 1]]), abs=1e-4)
+        assert [t for t, _ in c.top] == torch.topk(ref[j], 3).indices.tolist()
+    assert len(other) == 24

@@ -3,7 +3,7 @@
 import threading
 
 import pytest
-import torch
+from conftest import recompute_greedy
 
 from qt_serve import checkpoint
 from qt_serve.errors import QtError
@@ -18,21 +18,12 @@ def llm(tiny_ckpt):
     return LLM.load(tiny_ckpt, max_seq_len=256)
 
 
-def recompute_greedy(model, prompt, n):
-    """Reference: no cache, the whole sequence through the model for every new token."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids[len(prompt):]
-
-
-def test_cached_greedy_equals_full_recompute(llm):
+def test_cached_greedy_equals_full_recompute(llm, tiny_ckpt):
     prompt = llm.tokenizer.encode("To be, or not to be, that is the question")
     out = llm.generate(prompt, GREEDY64)
     assert out.finish_reason == "length" and len(out.tokens) == 64
     assert len(set(out.tokens)) > 5  # a non-degenerate continuation, so the comparison means something
-    assert out.tokens == recompute_greedy(llm.model, prompt, 64)
+    assert out.tokens == recompute_greedy(tiny_ckpt, prompt, 64)
 
 
 def test_prefix_reuse_gives_same_tokens(llm, tiny_ckpt):
@@ -77,7 +68,7 @@ def test_eos_stops_unless_ignored(llm):
     prompt = llm.tokenizer.encode("To be")
     ref = llm.generate(prompt, GREEDY64)
     eos = ref.tokens[3]  # pretend this token is the model's EOS
-    llm.eos_ids = [eos]
+    llm.engine.eos_ids = [eos]
     out = llm.generate(prompt, SamplingParams(max_tokens=64, temperature=0))
     assert out.finish_reason == "stop" and out.tokens[-1] == eos
     out = llm.generate(prompt, SamplingParams(max_tokens=64, temperature=0, min_tokens=60))
@@ -101,7 +92,7 @@ def test_max_tokens_clipped_to_context(tiny_ckpt):
 
 
 @pytest.mark.parametrize("prompt, message", [
-    (list(range(40)), "the prompt is 40 tokens but the context is 32 tokens"),
+    (list(range(40)), "the prompt is 40 tokens but this model's context is 32 tokens"),
     ([5, 10_000], r"token ids \[10000\] are outside the vocabulary"),
     ([], "the prompt is empty"),
 ])

@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from qt_serve import checkpoint
 from qt_serve.config import ModelConfig
-from qt_serve.model import KVCache, RaggedBatch, Transformer
+from qt_serve.kv import KVCache, RaggedBatch
+from qt_serve.model import Transformer
 
 from conftest import tiny_model
 

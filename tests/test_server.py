@@ -10,13 +10,13 @@ import pytest
 import torch
 from conftest import Server
 
-from qt_serve.api import create_app, load_served
+from qt_serve.api import create_app, load_generators
 
 CTX = 128
 
 
 def start(ckpt, **app_kw):
-    served = load_served([f"tiny={ckpt}", f"tiny2={ckpt}"], max_seq_len=CTX, max_batch=4,
+    served = load_generators([f"tiny={ckpt}", f"tiny2={ckpt}"], max_seq_len=CTX, max_batch=4,
                          max_queue=app_kw.pop("max_queue", 64), request_timeout=app_kw.pop("request_timeout", None))
     return Server(create_app(served, **app_kw)), served
 
@@ -75,17 +75,36 @@ def test_completion_prompt_forms(client, server):
     assert as_ids.usage.prompt_tokens == len(ids)  # no BOS added to token-id prompts
 
 
-def test_echo_logprobs_score_the_prompt(client, server):
-    engine = server.served["tiny"].engine
-    ids = engine.tokenizer.encode("To be, or not to be, that is the question")
-    r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=1)
-    lp = r.choices[0].logprobs
+def hf_logprobs(ckpt, ids) -> torch.Tensor:
+    """Reference scores: transformers' own Llama on the checkpoint directory, (len(ids), vocab)."""
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     with torch.no_grad():
-        ref = torch.log_softmax(engine.model(torch.tensor([ids]))[0], -1)
-    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
-    for j in range(1, len(ids)):
-        assert lp.token_logprobs[j] == pytest.approx(float(ref[j - 1, ids[j]]), abs=1e-4)
-    assert r.choices[0].text == engine.tokenizer.decode(ids)
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0], -1)
+
+
+def test_echo_logprobs_score_the_prompt(client, server, ckpt):
+    tok = server.served["tiny"].engine.tokenizer
+    ids = tok.encode("To be, or not to be, that is the question")
+    ref = hf_logprobs(ckpt, ids)
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=2, n=2)
+    assert len(r.choices) == 2 and r.usage.prompt_tokens == len(ids)  # the prompt counts once for n = 2
+    for choice in r.choices:
+        lp = choice.logprobs
+        assert choice.text == tok.decode(ids)
+        assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+        for j in range(1, len(ids)):
+            assert lp.token_logprobs[j] == pytest.approx(float(ref[j - 1, ids[j]]), abs=1e-4)
+            best = torch.topk(ref[j - 1], 2)
+            assert sorted(lp.top_logprobs[j].values(), reverse=True) == pytest.approx(best.values.tolist(), abs=1e-4)
+    # echo with generation: the prompt's scores, then the new tokens', in one list; usage counts the prompt once
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=3, echo=True, logprobs=0, n=2, temperature=0)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 6
+    for choice in r.choices:
+        assert len(choice.logprobs.token_logprobs) == len(ids) + 3
+        assert choice.logprobs.token_logprobs[1] == pytest.approx(float(ref[0, ids[1]]), abs=1e-4)
+        assert choice.text.startswith(tok.decode(ids))
 
 
 def test_sampling_controls(client):

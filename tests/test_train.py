@@ -424,7 +424,7 @@ def test_report_after_a_worse_last_eval_and_without_a_test_split(tmp_path, capsy
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**FAST, "lr": 3.0, "warmup": 0, "eval_every": 2,
                                                         "grad_clip": 0.0}.items()]
     assert main(["pretrain", "--recipe", str(recipe), "--data", str(data), "--out", str(out), "--max-steps", "40",
-                 "--patience", "2", *flags]) == 0
+                 "--patience", "1", *flags]) == 0  # patience 1: lr 3.0 is bumpy on every CPU, not on each alike
     report = json.loads((out / "report.json").read_text())
     vals = losses(out, "val_loss")  # early stop: best/ is older than the last step
     assert report["stopped"].startswith("early stop") and report["step"] == max(vals) > min(vals, key=vals.get)
