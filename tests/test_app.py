@@ -302,6 +302,9 @@ def test_pages_follow_the_api_key(served, tmp_path, open_page, page_status):
     try:
         for path in ("/config", "/arena/config"):  # what the page loads first: behind the login unless open
             assert httpx.get(srv.url + path).status_code == page_status
+        # /arena, as the README writes it, reaches the arena (it was a 404: only /arena/ worked).
+        r = httpx.get(srv.url + "/arena")
+        assert r.status_code == 307 and r.headers["location"] == "/arena/"
         key = {"Authorization": "Bearer k"}
         assert httpx.get(srv.url + "/v1/models").status_code == 401  # the API always wants the key
         assert httpx.get(srv.url + "/v1/models", headers=key).status_code == 200

@@ -207,16 +207,26 @@ def test_arena_vote_updates_and_persists_the_leaderboard(server, page):
     page.locator("#vote-a").click()
     expect(page.locator("#arena-result")).to_contain_text("A was")
     expect(page.locator("#vote-a")).to_be_disabled()
-    page.get_by_role("tab", name="Leaderboard").click()
-    expect(page.locator("#board-summary")).to_contain_text("1 votes")
-    expect(page.locator("#board")).to_contain_text("a")
-    page.reload()
-    page.get_by_role("tab", name="Leaderboard").click()
-    expect(page.locator("#board-summary")).to_contain_text("1 votes")
     with sqlite3.connect(server.args[server.args.index("--arena-db") + 1]) as db:
         prompt, winner, reason, a, b = db.execute(
             "SELECT prompt, winner, reason, model_a, model_b FROM votes").fetchone()
     assert (prompt, winner, reason) == ("Which is better?", "a", "clearer") and {a, b} == {"a", "b"}
+    for again in (False, True):  # the board after the vote, and after a reload (persisted)
+        if again:
+            page.reload()
+        page.get_by_role("tab", name="Leaderboard").click()
+        expect(page.locator("#board-summary")).to_contain_text("1 votes")
+        # The model shown as A won: it ranks first with 1 win; the other is second with 1 loss.
+        deadline = time.time() + 15
+        while True:  # the table fills in a moment after the summary
+            cells = [c.strip() for c in page.locator("#board").inner_text().split("\n") if c.strip()]
+            header, rows = cells[:9], [cells[i:i + 9] for i in range(9, len(cells), 9)]
+            if len(rows) == 2 or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert header[:2] == ["rank", "model"] and header[5] == "wins" and header[7] == "losses"
+        assert [r[:2] for r in rows] == [["1", a], ["2", b]]
+        assert rows[0][5] == "1" and rows[1][7] == "1" and float(rows[0][2]) > float(rows[1][2])
 
 
 def test_two_tabs_vote_at_once(server, browser):
