@@ -17,4 +17,7 @@ RUN pip install --no-cache-dir . && useradd --create-home --uid 10001 qt && mkdi
 USER 10001
 VOLUME ["/data/qt"]
 EXPOSE 8000
+# The container listens on all its interfaces so that `docker run -p` reaches it. Give it a key,
+# `docker run -e QT_API_KEY=... -p 8000:8000 qt`: without one, anyone who reaches the port can use
+# the models, and qt-serve says so in a warning at start-up.
 CMD ["qt-serve", "--host", "0.0.0.0", "--port", "8000"]

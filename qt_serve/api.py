@@ -100,6 +100,10 @@ class Guard:
                                               "authentication_error", code="invalid_api_key"))(scope, receive, counted)
                 return
             length = headers.get(b"content-length")
+            if length is not None and not length.isdigit():
+                await error_json(RequestError("the Content-Length header is not a number", 400,
+                                              code="bad_content_length"))(scope, receive, counted)
+                return
             if length is not None and int(length) > self.max_body:
                 await self.too_large()(scope, receive, counted)
                 return
