@@ -4,7 +4,10 @@
 
 Starts `qt-serve` as a subprocess on loopback, then `--concurrency` clients stream
 /v1/completions back to back until the time is up; about a quarter of them hang up after
-a random number of chunks. Passes (exit 0) when every response was a 200, no KV slot is
+a random number of chunks, and about one request in ten is a bad or awkward one (NaN or
+huge sampling values that must be a 400, extreme but valid ones that must be a 200, an echo
++ logprobs scoring request, a non-streaming request whose client hangs up). Passes (exit 0)
+when every response had its expected status (no unexpected errors, no 5xx), no KV slot is
 held and nothing is queued at the end (read from /metrics), and the server's RSS grew by
 less than 5% between the end of the warm-up and the end of the run, and its log holds no
 traceback. Traffic stays on
@@ -42,9 +45,40 @@ def gauge(text: str, name: str) -> float:
     return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
 
 
+# (raw JSON body extras, expected status): bad values must be 400s, extreme valid ones 200s.
+ODD = [('"temperature": NaN', 400), ('"temperature": Infinity', 400), ('"logit_bias": {"5": 1e39}', 400),
+       ('"presence_penalty": 1e30', 400), ('"temperature": 1e-40', 200), ('"repetition_penalty": 1e-30', 200),
+       ('"temperature": 1e-40, "logit_bias": {"5": 100}', 200)]
+
+
+async def odd_request(http: httpx.AsyncClient, url: str, model: str, rng: random.Random,
+                      stats: collections.Counter) -> None:
+    kind = rng.randrange(len(ODD) + 2)
+    if kind < len(ODD):
+        extra, want = ODD[kind]
+        body = f'{{"model": "{model}", "prompt": "{rng.choice(PROMPTS)}", "max_tokens": 8, {extra}}}'
+        r = await http.post(url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        stats["odd requests"] += 1
+        stats["unexpected"] += r.status_code != want
+    elif kind == len(ODD):  # scoring: echo + logprobs, no generation
+        r = await http.post(url + "/v1/completions", json={"model": model, "prompt": " ".join(PROMPTS),
+                                                           "max_tokens": 0, "echo": True, "logprobs": 2})
+        stats["scoring requests"] += 1
+        stats["unexpected"] += r.status_code != 200
+    else:  # a non-streaming client that gives up after a moment
+        try:
+            await http.post(url + "/v1/completions", json={"model": model, "prompt": rng.choice(PROMPTS),
+                                                           "max_tokens": 64}, timeout=0.3)
+        except httpx.TimeoutException:
+            stats["non-streaming hang-ups"] += 1
+
+
 async def client(url: str, model: str, deadline: float, rng: random.Random, stats: collections.Counter):
     async with httpx.AsyncClient(timeout=120) as http:
         while time.monotonic() < deadline:
+            if rng.random() < 0.1:
+                await odd_request(http, url, model, rng, stats)
+                continue
             body = {"model": model, "prompt": rng.choice(PROMPTS), "max_tokens": rng.randint(8, 64),
                     "temperature": 0.8, "stream": True}
             hang_up_after = rng.randint(1, 10) if rng.random() < 0.25 else None
@@ -118,7 +152,7 @@ def main() -> int:
         "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2), "server_exit_code": code,
         "server_tracebacks": log_path.read_text().count("Traceback"), "server_log": str(log_path),
     }
-    ok = (result["non_200"] == 0 and not stats["stream errors"] and result["slots_in_use_at_end"] == 0
+    ok = (result["non_200"] == 0 and not stats["stream errors"] and not stats["unexpected"] and result["slots_in_use_at_end"] == 0
           and result["queued_at_end"] == 0 and result["rss_growth_pct"] < 5 and code == 0
           and result["server_tracebacks"] == 0)
     result["passed"] = ok

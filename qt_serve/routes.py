@@ -19,6 +19,7 @@ from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from qt_serve.protocol import (
     ChatChoice,
@@ -115,6 +116,12 @@ async def events(base: dict, first: list[dict], run: Run, chunk: Callable[[int, 
         await run.aclose()
 
 
+def streaming(body: AsyncIterator[str], run: Run) -> StreamingResponse:
+    # The run is closed by `events` when it ends, and here as well in case the client left before
+    # the body ever started (an async generator never started never runs its `finally`).
+    return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(run.aclose))
+
+
 class Texts:
     """Token text for logprobs, through the model's tokenizer (ids as text without one)."""
 
@@ -196,7 +203,7 @@ async def chat(body: ChatCompletionRequest, request: Request):
         roles = [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                  for i in range(body.n)]
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(events(base, roles, run, chunk, include), media_type="text/event-stream")
+        return streaming(events(base, roles, run, chunk, include), run)
 
     async def collect():
         parts, finish, logprobs = [[] for _ in range(body.n)], [None] * body.n, [[] for _ in range(body.n)]
@@ -265,7 +272,7 @@ async def completions(body: CompletionRequest, request: Request):
         first = [{"index": c, "text": echo[c // n], "finish_reason": None, "logprobs": None}
                  for c in range(len(prompts) * n) if body.echo and k is None]
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(events(base, first, run, chunks, include), media_type="text/event-stream")
+        return streaming(events(base, first, run, chunks, include), run)
 
     async def collect():
         out = len(prompts) * n
