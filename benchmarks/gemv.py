@@ -4,7 +4,7 @@
 
 For each (in, out) shape: `F.linear(x, W)` with W stored (out, in), as nn.Linear does;
 `x @ W_t` with the weight stored (in, out); and `bmm` over P = threads column-slices of W_t,
-stored (P, in, out/P), which is qt_serve/fast.py's SplitTransposedLinear. Each kernel cycles
+stored (P, in, out/P), which is qt_serve/fast.py's DecodeLinear on its 'split' path. Each kernel cycles
 through enough copies of the weight (≥ 64 MB) that every call streams it from DRAM, as real
 decode does, instead of hitting L3. Prints µs per call and effective GB/s.
 """

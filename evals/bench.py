@@ -6,12 +6,13 @@ after the first token, and the effective weight bandwidth (bytes of weights read
 decoded token × tokens/s), with qt / HF ratios. Best of --runs, since a shared machine
 only ever adds noise.
 
-`serve`: the HTTP server under load. --requests seeded random token-id prompts go through
-streaming /v1/completions at each --concurrency (a closed loop: that many clients, each
-sending its next request when the last one ends), then one at a time through HF
-`generate`. Reported: aggregate output tokens/s (all tokens / wall time of the level) and
-p50/p99 TTFT, with ratios to HF. Targets on 2 cores: ≥ 4× HF throughput at concurrency 16,
-TTFT no worse than HF at concurrency 1.
+`serve`: `qt-serve` under load, started as users run it (a subprocess, API only). --requests
+seeded random token-id prompts go through streaming /v1/completions at each --concurrency
+(a closed loop: that many clients, each sending its next request when the last one ends),
+then --max-batch of them arrive at the same moment (a burst). HF `generate` runs the same
+prompts one at a time and, its strongest fair setting for a fixed set, as one static batch.
+Reported: aggregate output tokens/s (all tokens / wall time) and p50/p99 TTFT, with ratios to
+HF; the CPU and its flags are printed beside them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -123,6 +123,7 @@ def load_model(name: str):
 def decode(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    print(cpu_line(), flush=True)
     rows = []
     for name in args.models:
         ckpt = load_model(name)
@@ -135,28 +136,48 @@ def decode(args) -> list[dict]:
               flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"threads": args.threads, "prompt": args.prompt,
+        Path(args.out).write_text(json.dumps({"cpu": cpu_line(), "threads": args.threads, "prompt": args.prompt,
                                               "new_tokens": args.new_tokens, "rows": rows}, indent=2))
     return rows
 
 
 @contextlib.contextmanager
-def serving(app):
-    """`app` under uvicorn on a free loopback port, in a thread of this process; yields its URL."""
-    import uvicorn
+def serving(spec: str, name: str, max_batch: int, context: int):
+    """`qt-serve` as users run it, a subprocess on a free loopback port (API only); yields its URL."""
+    import socket
+    import subprocess
+    import sys
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the benchmark server failed to start")
-        time.sleep(0.02)
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "qt_serve.cli_serve", "--model", f"{name}={spec}", "--no-page",
+                             "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "1024",
+                             "--max-model-len", str(context), "--log-level", "warning"])
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"qt-serve did not start (exit code {proc.poll()})")
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
     finally:
-        server.should_exit = True  # the app's lifespan then stops the engine
-        thread.join(30)
+        proc.terminate()
+        proc.wait(60)
+
+
+def cpu_line() -> str:
+    """The CPU and its vector flags, printed beside every benchmark (kernel rankings differ by CPU)."""
+    from qt_serve import fast
+
+    return f"cpu: {fast.cpu_name()} | flags: {' '.join(fast.cpu_flags())} | torch {torch.__version__}"
 
 
 def ttft_stats(ttfts: list[float | None]) -> dict:
@@ -168,17 +189,16 @@ def ttft_stats(ttfts: list[float | None]) -> dict:
 
 
 async def stream_one(client, model: str, prompt: list[int], new_tokens: int) -> float | None:
-    """One streaming /v1/completions request; returns its TTFT, the seconds to the first chunk with text.
+    """One streaming /v1/completions request; returns its TTFT, the seconds to the first token's chunk.
 
-    None when no chunk has text: the server streams only text, so for a model without a
-    tokenizer the one chunk that arrives is the last and the first token cannot be timed."""
+    `logprobs=0` makes every token a chunk, text or not (a random model without a tokenizer has none)."""
     start = time.perf_counter()
     ttft, usage = None, None
     stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True},
+                                             stream=True, stream_options={"include_usage": True}, logprobs=0,
                                              extra_body={"ignore_eos": True})
     async for chunk in stream:
-        if ttft is None and chunk.choices and chunk.choices[0].text:
+        if ttft is None and chunk.choices and chunk.choices[0].logprobs:
             ttft = time.perf_counter() - start
         usage = chunk.usage or usage
     assert usage.completion_tokens == new_tokens, usage
@@ -202,6 +222,41 @@ async def load_level(url: str, model: str, prompts: list[list[int]], new_tokens:
         wall = time.perf_counter() - start
     return {"concurrency": concurrency, "wall_s": wall, "tok_s": len(prompts) * new_tokens / wall,
             **ttft_stats(ttfts)}
+
+
+def hf_static_batch(hf, prompts: list[list[int]], new_tokens: int) -> dict:
+    """HF generate on all prompts as ONE batch (same length, so no padding): its strongest fair setting
+    for a fixed set of prompts. Both cache kinds are tried; the faster counts."""
+    ids = torch.tensor(prompts)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    best = None
+    for cache in ("dynamic", "static"):
+        try:
+            hf.generate(ids, max_new_tokens=2, min_new_tokens=2, cache_implementation=cache, **kw)  # warm-up
+            start = time.perf_counter()
+            out = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, cache_implementation=cache,
+                              **kw)
+            wall = time.perf_counter() - start
+        except Exception as e:  # a cache kind this transformers cannot run here: the other one counts
+            print(f"HF static batch with a {cache} cache failed: {e}", flush=True)
+            continue
+        assert out.shape == (len(prompts), len(prompts[0]) + new_tokens)
+        r = {"batch": len(prompts), "cache": cache, "wall_s": wall, "tok_s": len(prompts) * new_tokens / wall}
+        best = r if best is None or r["tok_s"] > best["tok_s"] else best
+    return best
+
+
+async def burst(url: str, model: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    """All prompts sent at the same moment (simultaneous arrivals): aggregate tok/s and the TTFT spread."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+        start = time.perf_counter()
+        ttfts = await asyncio.gather(*(stream_one(client, model, p, new_tokens) for p in prompts))
+        wall = time.perf_counter() - start
+    r = {"arrivals": len(prompts), "wall_s": wall, "tok_s": len(prompts) * new_tokens / wall, **ttft_stats(ttfts)}
+    r["ttft_p99_over_p50"] = r["ttft_p99_s"] / r["ttft_p50_s"]
+    return r
 
 
 def hf_sequential(hf, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -240,21 +295,18 @@ def plot_serve(result: dict, path: Path) -> None:
     tput, ttft = fig.subplots(1, 2)
     tput.plot(conc, [r["tok_s"] for r in levels], "o-", label="qt-serve")
     tput.axhline(hf["tok_s"], color="gray", ls="--", label="HF generate, one at a time")
+    batch = result["hf_static_batch"]
+    tput.axhline(batch["tok_s"], color="gray", ls=":", label=f"HF generate, one static batch of {batch['batch']}")
     tput.set(ylabel="aggregate output tokens/s", ylim=(0, None))
     tput.legend()
-    if levels[0]["ttft_p50_s"] is None:  # see stream_one
-        ttft.text(0.5, 0.5, "qt TTFT not measurable: without a tokenizer\nthe server streams no text",
-                  ha="center", transform=ttft.transAxes)
-    else:
-        for key, mark, ls in (("ttft_p50_s", "o", "-"), ("ttft_p99_s", "s", ":")):
-            label = key.split("_")[1]
-            ttft.plot(conc, [r[key] * 1e3 for r in levels], marker=mark, ls=ls, color="C0",
-                      label=f"qt-serve {label}")
-            ttft.axhline(hf[key] * 1e3, color="gray", ls=ls, label=f"HF generate {label}")
-        ttft.set(ylabel="TTFT (ms)", yscale="log")  # p99 under queueing is seconds, p50 alone tens of ms
-        ttft.yaxis.set_major_formatter(ScalarFormatter())
-        ttft.yaxis.set_minor_formatter(ScalarFormatter())
-        ttft.legend()
+    for key, mark, ls in (("ttft_p50_s", "o", "-"), ("ttft_p99_s", "s", ":")):
+        label = key.split("_")[1]
+        ttft.plot(conc, [r[key] * 1e3 for r in levels], marker=mark, ls=ls, color="C0", label=f"qt-serve {label}")
+        ttft.axhline(hf[key] * 1e3, color="gray", ls=ls, label=f"HF generate {label}")
+    ttft.set(ylabel="TTFT (ms)", yscale="log")  # p99 under queueing is seconds, p50 alone tens of ms
+    ttft.yaxis.set_major_formatter(ScalarFormatter())
+    ttft.yaxis.set_minor_formatter(ScalarFormatter())
+    ttft.legend()
     for ax in (tput, ttft):
         ax.set_xscale("log", base=2)
         ax.set_xticks(conc, [str(c) for c in conc])
@@ -264,33 +316,48 @@ def plot_serve(result: dict, path: Path) -> None:
 
 
 def serve(args) -> dict:
-    from qt_serve.api import create_app
-    from qt_serve.engine import Engine
-    from qt_serve.service import Generator
+    import tempfile
+
+    from qt_serve.checkpoint import save_checkpoint
 
     torch.set_grad_enabled(False)
     ckpt = load_model(args.model)
-    hf = hf_twin(ckpt)  # before the engine exists: it swaps the qt model's Linears in place (fast.py)
+    hf = hf_twin(ckpt)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, ckpt.config.vocab_size, (args.requests, args.prompt), generator=g).tolist()
+    print(cpu_line(), flush=True)
     print(f"{args.model}: {args.requests} requests per level, prompt {args.prompt}, {args.new_tokens} new tokens, "
           f"max batch {args.max_batch}, {torch.get_num_threads()} threads", flush=True)
     base = hf_sequential(hf, prompts, args.new_tokens)
     print_level("HF generate", base)
-    result = {"model": args.model, "threads": torch.get_num_threads(), "prompt": args.prompt,
+    batch = hf_static_batch(hf, prompts[:args.max_batch], args.new_tokens)
+    print(f"HF generate, one static batch of {batch['batch']} ({batch['cache']} cache): {batch['tok_s']:.1f} tok/s",
+          flush=True)
+    del hf
+    result = {"model": args.model, "cpu": cpu_line(), "threads": torch.get_num_threads(), "prompt": args.prompt,
               "new_tokens": args.new_tokens, "requests": args.requests, "max_batch": args.max_batch,
-              "hf": base, "levels": []}
-    # The KV cache is max_batch rows of exactly one request's length: the model's own context would be wasted RAM.
-    engine = Engine.load(ckpt, max_batch=args.max_batch, max_seq_len=args.prompt + args.new_tokens)
-    with serving(create_app({args.model: Generator(args.model, engine, ckpt.generation_config)})) as url:
-        asyncio.run(load_level(url, args.model, [prompts[0][:16]], 4, 1))  # warm-up, as for HF
-        for c in args.concurrency:
-            r = asyncio.run(load_level(url, args.model, prompts, args.new_tokens, c))
-            r["throughput_ratio"] = r["tok_s"] / base["tok_s"]
-            if c == 1 and r["ttft_p50_s"] is not None:
-                r["ttft_ratio"] = base["ttft_p50_s"] / r["ttft_p50_s"]  # > 1: qt answers first
-            result["levels"].append(r)
-            print_level("qt-serve", r)
+              "hf": base, "hf_static_batch": batch, "levels": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = args.model
+        if args.model in CONFIGS:  # the same random weights, as a checkpoint directory qt-serve loads
+            spec = str(save_checkpoint(Path(tmp) / "model", ckpt.model))
+        # The KV cache is max_batch rows of exactly one request's length: the model's own context would be wasted RAM.
+        with serving(spec, "m", args.max_batch, args.prompt + args.new_tokens) as url:
+            asyncio.run(load_level(url, "m", [prompts[0][:16]], 4, 1))  # warm-up, as for HF
+            for c in args.concurrency:
+                r = asyncio.run(load_level(url, "m", prompts, args.new_tokens, c))
+                r["throughput_ratio"] = r["tok_s"] / base["tok_s"]
+                if c == 1:
+                    r["ttft_ratio"] = base["ttft_p50_s"] / r["ttft_p50_s"]  # > 1: qt answers first
+                result["levels"].append(r)
+                print_level("qt-serve", r)
+            b = asyncio.run(burst(url, "m", prompts[:args.max_batch], args.new_tokens))
+    b["vs_hf_sequential"] = b["tok_s"] / base["tok_s"]
+    b["vs_hf_static_batch"] = b["tok_s"] / batch["tok_s"]
+    result["burst"] = b
+    print(f"qt-serve, {b['arrivals']} simultaneous arrivals: {b['tok_s']:.1f} tok/s (×{b['vs_hf_sequential']:.2f} "
+          f"HF one at a time, ×{b['vs_hf_static_batch']:.2f} HF static batch) | TTFT p50 {b['ttft_p50_s'] * 1e3:.0f} "
+          f"ms, p99 {b['ttft_p99_s'] * 1e3:.0f} ms (p99/p50 {b['ttft_p99_over_p50']:.2f})", flush=True)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

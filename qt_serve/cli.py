@@ -168,6 +168,7 @@ def serve(args, plugins: list) -> int:
 
     import uvicorn
 
+    from qt_serve import fast
     from qt_serve.api import create_app, load_generators
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -181,6 +182,10 @@ def serve(args, plugins: list) -> int:
     generators = load_generators(args.model or [DEFAULT_MODEL], dtype=args.dtype, device=args.device,
                                  max_seq_len=args.max_model_len, max_batch=args.max_batch, max_queue=args.max_queue,
                                  request_timeout=args.request_timeout)
+    # Loading ran torch on this thread, which gave it an OpenMP team of its own; beside the engine
+    # thread's team that is more OpenMP threads than cores, and libgomp then stops spin-waiting:
+    # decode ran at 0.7x of in-process (LOG.md). This thread runs no more torch: let its team go.
+    fast.release_openmp_threads()
 
     def mount(app):
         for plugin, options in pages:

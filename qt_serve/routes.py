@@ -96,14 +96,13 @@ async def until_disconnect(request: Request, work):
 
 async def events(base: dict, first: list[dict], run: Run, chunk: Callable[[int, Delta], list[dict]],
                  include_usage: bool) -> AsyncIterator[str]:
-    """One streamed response: the `first` choices, a chunk per delta that adds text or ends a choice,
-    the usage chunk when asked, then [DONE]; a request failing mid-stream becomes an error event."""
+    """One streamed response: the `first` choices, the chunks `chunk` makes of each delta (none for a
+    delta that adds nothing to send), the usage chunk when asked, then [DONE]; a request failing
+    mid-stream becomes an error event."""
     try:
         for choice in first:
             yield sse({**base, "choices": [choice]})
         async for i, d in run:
-            if not d.text and d.finish_reason is None and d.prompt_logprobs is None:
-                continue  # a held-back partial character or stop-string prefix
             for c in chunk(i, d):
                 yield sse({**base, "choices": [c]})
         if include_usage:
@@ -194,8 +193,11 @@ async def chat(body: ChatCompletionRequest, request: Request):
 
     if body.stream:
         def chunk(i: int, d: Delta) -> list[dict]:
+            scored = lp is not None and d.token is not None
+            if not (d.text or d.finish_reason or scored):
+                return []  # a held-back partial character or stop-string prefix, and no logprobs asked
             c = {"index": i, "delta": {"content": d.text} if d.text else {}, "finish_reason": d.finish_reason}
-            if lp is not None and d.token is not None:
+            if scored:
                 c["logprobs"] = {"content": [texts.chat_entry(d.token)]}
             return [c]
 
@@ -266,6 +268,8 @@ async def completions(body: CompletionRequest, request: Request):
                 return [{"index": c, "text": echo[pi], "finish_reason": None,
                          "logprobs": texts.legacy(prompts[pi], scored[pi])} for c in range(pi * n, pi * n + n)]
             lp = texts.legacy([d.token.token], [d.token]) if k is not None and d.token else None
+            if not (d.text or d.finish_reason or lp):
+                return []  # a held-back partial character or stop-string prefix, and no logprobs asked
             return [{"index": job, "text": d.text, "finish_reason": d.finish_reason, "logprobs": lp}]
 
         base = {"id": rid, "object": "text_completion", "created": created, "model": g.name}
