@@ -31,7 +31,7 @@ from qt_serve.config import ModelConfig
 from qt_serve.hub import DEFAULT_MODEL
 
 CONFIGS = {
-    # random-weight Llama shapes around the sizes in DESIGN.md's reference table
+    # random-weight Llama shapes around the sizes of LOG.md's reference tables (45M, 125M)
     "45M": ModelConfig(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                        num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True),
     "125M": ModelConfig(vocab_size=49152, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,

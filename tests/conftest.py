@@ -96,3 +96,33 @@ class Server:
     def stop(self):
         self.server.should_exit = True
         self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A saved tiny checkpoint shared by a module's server tests."""
+    from qt_serve.checkpoint import save_checkpoint
+
+    tok = build_tokenizer()
+    return save_checkpoint(tmp_path_factory.mktemp("m") / "tiny", tiny_model(vocab_size=tok.vocab_size), tok)
+
+
+def start_app(ckpt, names=("tiny",), ctx: int = 128, max_batch: int = 4, max_queue: int = 64,
+              request_timeout: float | None = None, **app_kw):
+    """The API over `ckpt` served under each of `names`, on a loopback port: (Server, generators)."""
+    from qt_serve.api import create_app, load_generators
+
+    gens = load_generators([f"{n}={ckpt}" for n in names], max_seq_len=ctx, max_batch=max_batch,
+                           max_queue=max_queue, request_timeout=request_timeout)
+    return Server(create_app(gens, **app_kw)), gens
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    """A live server holding `ckpt` as models "tiny" and "tiny2" (context 128, 4 slots, 20 kB bodies)."""
+    srv, gens = start_app(ckpt, ("tiny", "tiny2"), max_body_bytes=20_000)
+    srv.served = gens
+    yield srv
+    srv.stop()
+    for g in gens.values():
+        g.engine.shutdown(True, 5)

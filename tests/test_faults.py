@@ -7,35 +7,18 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import Server, build_tokenizer, recompute_greedy, tiny_model
+from conftest import recompute_greedy, start_app, tiny_model
 
 from qt_serve import checkpoint
-from qt_serve.api import create_app, load_generators
 from qt_serve.engine import Engine
 from qt_serve.sampling import SamplingParams
 
 CTX = 128
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    tok = build_tokenizer()
-    return checkpoint.save_checkpoint(tmp_path_factory.mktemp("m") / "tiny", tiny_model(vocab_size=tok.vocab_size),
-                                      tok)
-
-
-def start(ckpt, max_batch=4, max_queue=64, **app_kw):
-    gens = load_generators([f"tiny={ckpt}"], max_seq_len=CTX, max_batch=max_batch, max_queue=max_queue)
-    return Server(create_app(gens, **app_kw)), gens["tiny"]
-
-
-@pytest.fixture(scope="module")
-def server(ckpt):
-    srv, gen = start(ckpt, max_body_bytes=20_000)
-    srv.gen = gen
-    yield srv
-    srv.stop()
-    gen.engine.shutdown(True, 5)
+def start(ckpt, **kw):
+    srv, gens = start_app(ckpt, ("tiny",), CTX, **kw)
+    return srv, gens["tiny"]
 
 
 def post(url, body, **kw):
@@ -240,11 +223,11 @@ def test_metrics_and_docs_are_behind_the_key(ckpt, open_docs):
 def test_usage_counts_the_prompt_once_for_n_choices(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
     msgs = [{"role": "user", "content": "To be, or not to be"}]
-    n_prompt = len(server.gen.encode_chat(msgs))
+    n_prompt = len(server.served["tiny"].encode_chat(msgs))
     r = client.chat.completions.create(model="tiny", messages=msgs, n=3, max_tokens=4, temperature=0.5)
     assert len(r.choices) == 3 and r.usage.prompt_tokens == n_prompt
     r = client.completions.create(model="tiny", prompt=["To be", "Paris is"], n=2, max_tokens=2, temperature=0)
-    assert r.usage.prompt_tokens == len(server.gen.encode_text("To be")) + len(server.gen.encode_text("Paris is"))
+    assert r.usage.prompt_tokens == len(server.served["tiny"].encode_text("To be")) + len(server.served["tiny"].encode_text("Paris is"))
 
 
 def test_unset_sampling_values_come_from_generation_config(tmp_path, tokenizer):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qt_serve import checkpoint
-from test_server import CTX, ckpt, server  # noqa: F401 - module fixtures: the tiny checkpoint and a live server
+from test_server import CTX
 
 TASK = "qt_tiny_mc"
 CONTEXTS = ["The capital of France is", "The capital of Japan is", "To be, or not to be, that is the",

@@ -8,35 +8,14 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import Server
+from conftest import start_app
 
-from qt_serve.api import create_app, load_generators
 
 CTX = 128
 
 
-def start(ckpt, **app_kw):
-    served = load_generators([f"tiny={ckpt}", f"tiny2={ckpt}"], max_seq_len=CTX, max_batch=4,
-                         max_queue=app_kw.pop("max_queue", 64), request_timeout=app_kw.pop("request_timeout", None))
-    return Server(create_app(served, **app_kw)), served
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from conftest import build_tokenizer, tiny_model
-
-    from qt_serve.checkpoint import save_checkpoint
-
-    tok = build_tokenizer()
-    return save_checkpoint(tmp_path_factory.mktemp("m") / "tiny", tiny_model(vocab_size=tok.vocab_size), tok)
-
-
-@pytest.fixture(scope="module")
-def server(ckpt):
-    srv, served = start(ckpt, max_body_bytes=20_000)
-    srv.served = served
-    yield srv
-    srv.stop()
+def start(ckpt, **kw):
+    return start_app(ckpt, ("tiny", "tiny2"), CTX, **kw)
 
 
 @pytest.fixture
