@@ -8,9 +8,10 @@ a random number of chunks, and about one request in ten is a bad or awkward one 
 huge sampling values that must be a 400, extreme but valid ones that must be a 200, an echo
 + logprobs scoring request, a non-streaming request whose client hangs up). Passes (exit 0)
 when every response had its expected status (no unexpected errors, no 5xx), no KV slot is
-held and nothing is queued at the end (read from /metrics), and the server's RSS grew by
-less than 5% between the end of the warm-up and the end of the run, and its log holds no
-traceback. Traffic stays on
+held and nothing is queued at the end (read from /metrics), the server's RSS grew by less
+than 2% over the second half of the run (it is sampled ten times: oneDNN's primitive cache and
+the allocator's arenas fill during the first minutes and then level off; a leak does not), and
+its log holds no traceback. Traffic stays on
 127.0.0.1, bounded in time.
 """
 
@@ -98,11 +99,21 @@ async def client(url: str, model: str, deadline: float, rng: random.Random, stat
                         stats["completed"] += 1
 
 
-async def run(url: str, model: str, seconds: float, concurrency: int, seed: int) -> collections.Counter:
+async def run(url: str, model: str, seconds: float, concurrency: int, seed: int,
+              pid: int | None = None) -> tuple[collections.Counter, list[float]]:
+    """The clients until the time is up; also the server's RSS (MB) every tenth of the run."""
     stats: collections.Counter = collections.Counter()
     deadline = time.monotonic() + seconds
-    await asyncio.gather(*[client(url, model, deadline, random.Random(seed + i), stats) for i in range(concurrency)])
-    return stats
+    rss: list[float] = []
+
+    async def sample():
+        while time.monotonic() < deadline and pid is not None:
+            rss.append(round(rss_mb(pid), 1))
+            await asyncio.sleep(seconds / 10)
+
+    await asyncio.gather(sample(), *[client(url, model, deadline, random.Random(seed + i), stats)
+                                     for i in range(concurrency)])
+    return stats, rss
 
 
 def main() -> int:
@@ -136,7 +147,7 @@ def main() -> int:
         asyncio.run(run(url, "m", args.warmup, args.concurrency, args.seed + 1000))
         rss_start = rss_mb(server.pid)
         start = time.monotonic()
-        stats = asyncio.run(run(url, "m", args.seconds, args.concurrency, args.seed))
+        stats, rss = asyncio.run(run(url, "m", args.seconds, args.concurrency, args.seed, server.pid))
         elapsed = time.monotonic() - start
         time.sleep(1.0)  # let the engine free the last rows
         metrics = httpx.get(url + "/metrics").text
@@ -149,11 +160,14 @@ def main() -> int:
         "non_200": sum(v for k, v in stats.items() if k.startswith("status ") and k != "status 200"),
         "slots_in_use_at_end": gauge(metrics, "qt_kv_slots_in_use"), "queued_at_end": gauge(metrics, "qt_queue_depth"),
         "rss_mb_after_warmup": round(rss_start, 1), "rss_mb_end": round(rss_end, 1),
-        "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2), "server_exit_code": code,
+        "rss_growth_pct": round(100 * (rss_end - rss_start) / rss_start, 2), "rss_mb_series": rss + [round(rss_end, 1)],
+        # a leak keeps growing; caches and allocator arenas level off: compare the run's two halves
+        "rss_growth_second_half_pct": round(100 * (rss_end - rss[len(rss) // 2]) / rss_start, 2),
+        "server_exit_code": code,
         "server_tracebacks": log_path.read_text().count("Traceback"), "server_log": str(log_path),
     }
     ok = (result["non_200"] == 0 and not stats["stream errors"] and not stats["unexpected"] and result["slots_in_use_at_end"] == 0
-          and result["queued_at_end"] == 0 and result["rss_growth_pct"] < 5 and code == 0
+          and result["queued_at_end"] == 0 and result["rss_growth_second_half_pct"] < 2 and code == 0
           and result["server_tracebacks"] == 0)
     result["passed"] = ok
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -101,8 +101,12 @@ class DecodeLinear(nn.Module):
         rows = x.reshape(-1, K)
         if rows.shape[0] != 1:
             if self.gemm == "mkldnn":
-                return torch.ops.mkldnn._linear_pointwise(rows, self.w_many, self.bias, "none", [],
-                                                          "").view(lead + (self.out_features,))
+                # oneDNN builds and caches a kernel per row count: rounding the rows up to a multiple
+                # of 16 bounds how many there are (RSS grew for as long as a server ran, LOG.md).
+                m = rows.shape[0]
+                rows = F.pad(rows, (0, 0, 0, -m % 16))
+                y = torch.ops.mkldnn._linear_pointwise(rows, self.w_many, self.bias, "none", [], "")
+                return y[:m].view(lead + (self.out_features,))
             return F.linear(x, self.weight, self.bias)
         g = self.gemv
         if g == "linear":

@@ -87,6 +87,20 @@ def test_paths_with_bias_and_odd_widths_match(gemv):
             torch.testing.assert_close(b, a, **TOL)
 
 
+@pytest.mark.skipif(not fast.mkldnn_ok(), reason="no oneDNN in this torch")
+@pytest.mark.parametrize("rows", [2, 15, 16, 17, 40])
+def test_multi_row_product_pads_to_a_multiple_of_16_and_slices_back(rows):
+    # Row counts are rounded up so oneDNN caches few kernels; the padding must never leak out.
+    torch.manual_seed(rows)
+    lin = torch.nn.Linear(64, 96)
+    x = torch.randn(rows, 64)
+    with torch.inference_mode():
+        got = fast.DecodeLinear(lin, "linear", "mkldnn", 2)(x)
+        want = torch.nn.functional.linear(x, lin.weight, lin.bias)
+    assert got.shape == (rows, 96)
+    torch.testing.assert_close(got, want, **TOL)
+
+
 def test_matches_transformers_llama():
     """Independent of qt's own model code: HF LlamaForCausalLM on the same weights, prefill + cached decode."""
     from transformers import LlamaConfig, LlamaForCausalLM
