@@ -126,6 +126,19 @@ def chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+def fixed_mmap_threshold(nbytes: int = 1 << 20) -> None:
+    """glibc raises its mmap threshold whenever a large block is freed; from then on blocks of that size
+    (a chunk's logits, prefill activations) come from the heap, which fragments: a server's RSS grew
+    for as long as it ran (LOG.md 2026-12-01). A fixed threshold keeps blocks over `nbytes` in mmap,
+    handed back to the system when freed. Not glibc: nothing to do."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, nbytes)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def page_plugins() -> list:
     """Packages that put pages on the server (entry point group `qt_serve.pages`; qt's own is app/)."""
     from importlib.metadata import entry_points
@@ -173,6 +186,7 @@ def serve(args, plugins: list) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("qt_serve.cli")
+    fixed_mmap_threshold()
     api_key = args.api_key or os.environ.get("QT_API_KEY")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         log.warning("listening on %s with no API key: anyone who can reach this port can use the models "

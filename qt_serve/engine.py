@@ -270,6 +270,9 @@ class Engine:
         if error is not None:
             delta.text = f"internal error: {type(error).__name__}: {error}"
         self._emit(req, delta)
+        # Its sampler's vocab-sized tensors go now, on this thread, not whenever the client's side
+        # lets go of the request.
+        req.seq, req.scored = None, []
 
     def _emit(self, req: Request, delta: Delta) -> None:
         try:
