@@ -242,6 +242,9 @@ def test_unset_sampling_values_come_from_generation_config(tmp_path, tokenizer):
         sampled = {post(srv.url, {**body, "seed": s, "temperature": 1.5}).json()["choices"][0]["text"]
                    for s in range(4)}
         assert len(sampled) > 1  # a value the request sets wins
+        from app.models import LocalModel
+
+        assert LocalModel(gen).defaults().temperature == 0.0  # the chat page starts from the same values
     finally:
         srv.stop()
         gen.engine.shutdown(True, 5)
