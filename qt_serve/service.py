@@ -243,10 +243,13 @@ class Run:
         self.out: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         self.reqs = []
+
+        def emitter(i: int):  # called on the engine's thread: hand (choice, delta) to this loop
+            return lambda d: loop.call_soon_threadsafe(self.out.put_nowait, (i, d))
+
         try:
             for i, (p, sp, k) in enumerate(zip(prompts, params, scores)):
-                emit = (lambda d, i=i: loop.call_soon_threadsafe(self.out.put_nowait, (i, d)))
-                self.reqs.append(gen.engine.submit(p, sp, emit, f"{tracker.id}-{i}", k))
+                self.reqs.append(gen.engine.submit(p, sp, emitter(i), f"{tracker.id}-{i}", k))
         except QtError as e:
             self.close("rejected")
             raise request_error(e) from None
