@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qt_serve import checkpoint, routes
-from qt_serve.engine import Engine
+from qt_serve.engine import Engine, Worker
 from qt_serve.errors import QtError
 from qt_serve.service import Generator, Metrics, RequestError, request_error
 
@@ -42,6 +42,7 @@ def load_generators(specs: list[str], dtype=None, device="cpu", max_seq_len=None
                     request_timeout: float | None = None, metrics: Metrics | None = None) -> dict[str, Generator]:
     """`[NAME=]SPEC` strings -> loaded models, each behind its own engine, sharing one Metrics."""
     metrics = metrics or Metrics()
+    worker = Worker()  # one thread steps every model: one OpenMP team in the process (engine.Worker)
     out = {}
     for spec in specs:
         name, path = spec.split("=", 1) if "=" in spec else (Path(spec.rstrip("/")).stem or spec, spec)
@@ -49,7 +50,7 @@ def load_generators(specs: list[str], dtype=None, device="cpu", max_seq_len=None
             raise QtError(f"two models are named {name!r}; name them with --model NAME=SPEC")
         ckpt = checkpoint.load(path, dtype=dtype, device=device, max_seq_len=max_seq_len)
         engine = Engine.load(ckpt, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
-                             request_timeout=request_timeout)
+                             request_timeout=request_timeout, thread=worker)
         out[name] = Generator(name, engine, ckpt.generation_config, metrics)
         log.info("serving %s from %s (context %d, %d slots)", name, path, engine.max_seq_len, max_batch)
     return out

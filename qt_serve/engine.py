@@ -7,9 +7,11 @@
 The engine talks to the model only through a `runner.Runner` (allocate a cache, forward
 segments into cache rows, copy a row's prefix), so any backend serves through it.
 
-One worker thread owns the runner (torch releases the GIL, so the asyncio server stays
-responsive); `thread=False` leaves the stepping to the caller (`generate.LLM`, one sequence
-at a time in the caller's thread, through the very same steps). Each iteration:
+A worker thread steps the engine (torch releases the GIL, so the asyncio server stays
+responsive); one `Worker` can step several engines in turn, so a server holding several models
+still has one thread running torch. `thread=False` leaves the stepping to the caller
+(`generate.LLM`, one sequence at a time in the caller's thread, through the very same steps).
+Each iteration:
   1. drop cancelled or timed-out requests and free their KV rows at once;
   2. admit waiting requests into free rows (continuous batching: a request joins the
      running batch between two steps, and leaves it the step it finishes);
@@ -78,7 +80,7 @@ class Request:
 class Engine:
     def __init__(self, runner: Runner, tokenizer=None, eos_ids: list[int] = (), max_batch: int = 8,
                  max_queue: int = 64, max_seq_len: int | None = None, request_timeout: float | None = None,
-                 prefill_chunk: int = 256, thread: bool = True):
+                 prefill_chunk: int = 256, thread: bool | Worker = True):
         for ok, what in ((max_batch >= 1, f"max_batch must be at least 1, got {max_batch}"),
                          (max_queue >= 0, f"max_queue must be ≥ 0, got {max_queue}"),
                          (prefill_chunk >= 1, f"prefill_chunk must be at least 1, got {prefill_chunk}"),
@@ -98,15 +100,15 @@ class Engine:
         # (a system prompt, a chat's history) skips prefilling it.
         self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]
         self.reused_tokens = 0
-        self.cond = threading.Condition()
+        # A shared worker steps several engines in one thread: their queues share its condition.
+        self.worker = (thread if isinstance(thread, Worker) else Worker()) if thread else None
+        self.cond = self.worker.cond if self.worker else threading.Condition()
         self.accepting = True
         self.stopped = False
         self.error: BaseException | None = None  # what killed the worker, if anything did
         self.ids = itertools.count()
-        self.thread = None
-        if thread:
-            self.thread = threading.Thread(target=self._loop, name="qt-engine", daemon=True)
-            self.thread.start()
+        if self.worker:
+            self.worker.add(self)
 
     @classmethod
     def load(cls, ckpt: Checkpoint, optimize: bool = True, **kw) -> Engine:
@@ -116,8 +118,12 @@ class Engine:
     # ---- public API (any thread) ----------------------------------------------------
 
     @property
+    def thread(self) -> threading.Thread | None:
+        return self.worker.thread if self.worker else None
+
+    @property
     def healthy(self) -> bool:
-        """False once the worker thread has died: nothing more will be served."""
+        """False once this engine has failed outside a forward (its worker thread ended it)."""
         return self.error is None and (self.thread is None or self.thread.is_alive() or self.stopped)
 
     def validate(self, prompt: list[int], params: SamplingParams | None) -> None:
@@ -193,8 +199,8 @@ class Engine:
                 self.cond.wait(0.05)
             self.stopped = True
             self.cond.notify()
-        if self.thread is not None:
-            self.thread.join(timeout=5)  # at most one forward step; a step never blocks for ever
+        if self.worker is not None:
+            self.worker.join_if_done()
 
     # ---- stepping (the worker thread, or the caller with thread=False) ---------------
 
@@ -216,25 +222,21 @@ class Engine:
             self._drop_finished()
             self.cond.notify_all()
 
-    def _loop(self) -> None:
-        try:
-            while True:
-                with self.cond:
-                    while not (self.waiting or self.running or self.stopped):
-                        self.cond.wait()
-                    if self.stopped and not (self.waiting or self.running):
-                        return
-                self.run_once()
-        except BaseException as e:  # the scheduler itself broke: say so to everyone, serve no more
-            log.exception("engine worker died")
-            with self.cond:
-                self.error = e
-                for req in self.running + list(self.waiting):
-                    if not req.done:
-                        self._finish(req, Delta("", finish_reason="error"), error=e)
-                self.running.clear()
-                self.waiting.clear()
-                self.cond.notify_all()
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def fail(self, e: BaseException) -> None:
+        """The scheduler itself broke (not one forward): say so to everyone, serve no more."""
+        log.exception("engine failed", exc_info=e)
+        with self.cond:
+            self.error = e
+            for req in self.running + list(self.waiting):
+                if not req.done:
+                    self._finish(req, Delta("", finish_reason="error"), error=e)
+            self.running.clear()
+            self.waiting.clear()
+            self.cond.notify_all()
 
     def _drop_cancelled(self) -> None:
         now = time.perf_counter()
@@ -375,3 +377,46 @@ class Engine:
             self._finish(req, delta)
         else:
             self._emit(req, delta)
+
+
+class Worker:
+    """The thread that steps engines: one per process by default (`api.load_generators`), because each
+    thread that runs torch keeps its own OpenMP team, and more OpenMP threads than cores slowed decode
+    to ~0.7x (LOG.md 2026-12-01). Engines with work take turns, one step each."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.engines: list[Engine] = []
+        self.thread = threading.Thread(target=self._loop, name="qt-engine", daemon=True)
+
+    def add(self, engine: Engine) -> None:
+        with self.cond:
+            self.engines.append(engine)
+        if not self.thread.is_alive():
+            self.thread.start()
+
+    def live(self) -> list[Engine]:
+        return [e for e in self.engines if e.error is None and not (e.stopped and not e.busy)]
+
+    def join_if_done(self) -> None:
+        """Wait for the thread to end once no engine needs it (at most one forward step; none blocks for ever)."""
+        with self.cond:
+            if self.live():
+                return
+            self.cond.notify_all()
+        self.thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                live = self.live()
+                if not live:
+                    return
+                while not any(e.busy or e.stopped for e in live):
+                    self.cond.wait()
+            for e in live:
+                if e.busy:
+                    try:
+                        e.run_once()
+                    except BaseException as err:  # a scheduler bug: that engine fails, the others go on
+                        e.fail(err)

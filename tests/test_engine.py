@@ -123,3 +123,38 @@ def test_prompt_scores_over_several_chunks_match_transformers(tiny_ckpt, tokeniz
         assert c.logprob == pytest.approx(float(ref[j, prompt[j + 1]]), abs=1e-4)
         assert [t for t, _ in c.top] == torch.topk(ref[j], 3).indices.tolist()
     assert len(other) == 24
+
+
+def test_one_worker_steps_two_engines_and_survives_one_failing(tiny_ckpt, tokenizer):
+    # Several models in one server share one thread running torch (one OpenMP team: LOG.md).
+    from qt_serve.engine import Worker
+
+    worker = Worker()
+    a, b = (Engine.load(checkpoint.load(tiny_ckpt), max_batch=2, max_seq_len=200, thread=worker) for _ in range(2))
+    assert a.thread is b.thread
+    prompts = [tokenizer.encode("To be"), tokenizer.encode("Paris is")]
+
+    async def both():
+        return await asyncio.gather(collect(a, prompts[0]), collect(b, prompts[1]))
+
+    try:
+        assert asyncio.run(both()) == [recompute_greedy(tiny_ckpt, p, 24) for p in prompts]
+
+        def broken():
+            raise RuntimeError("scheduler bug")
+
+        a._drop_cancelled = broken
+        failed = asyncio.run(collect_deltas(a, prompts[0]))
+        assert failed[-1].finish_reason == "error" and not a.healthy
+        assert asyncio.run(collect(b, prompts[1])) == recompute_greedy(tiny_ckpt, prompts[1], 24)
+        assert b.healthy and worker.thread.is_alive()
+        started = time.monotonic()
+        b.shutdown(timeout=5)
+        assert time.monotonic() - started < 2 and not worker.thread.is_alive()
+    finally:
+        a.shutdown(True, 1)
+        b.shutdown(True, 1)
+
+
+async def collect_deltas(engine, prompt):
+    return [d async for d in engine.stream(prompt, GREEDY)]
