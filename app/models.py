@@ -102,7 +102,7 @@ class LocalModel:
             # "Max new tokens" is an upper bound here: a long chat gets what room the context has left.
             params = self.gen.sampling(len(ids), settings.max_tokens, clamp=True, temperature=settings.temperature,
                                        top_p=settings.top_p, seed=settings.seed)
-            run = self.gen.open([ids], [params], self.gen.track(f"page-{uuid.uuid4().hex[:12]}", len(ids)))
+            run = self.gen.open([ids], [params], f"page-{uuid.uuid4().hex[:12]}", len(ids))
         except RequestError as e:
             raise ChatError(e.message) from None
         try:

@@ -188,7 +188,7 @@ async def chat(body: ChatCompletionRequest, request: Request):
                                    **body.sampling_values(lp)), body.n)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
-    run = g.open([ids] * body.n, params, g.track(rid, len(ids)))
+    run = g.open([ids] * body.n, params, rid, len(ids))
     texts = Texts(g)
 
     if body.stream:
@@ -250,7 +250,7 @@ async def completions(body: CompletionRequest, request: Request):
             params += per_choice(g.sampling(len(p), body.max_tokens, **body.sampling_values(k)), n)
             scores += [k if body.echo and k is not None and j == 0 else None for j in range(n)]
         prompt_of_job = [c // n for c in range(len(jobs))]
-    run = g.open(jobs, params, g.track(rid, sum(map(len, prompts))), scores)
+    run = g.open(jobs, params, rid, sum(map(len, prompts)), scores)
     texts = Texts(g)
     echo = [g.tokenizer.decode(p) if body.echo else "" for p in prompts]
     scored: dict[int, list[Choice | None]] = {}  # prompt -> its tokens' scores (the first has none)

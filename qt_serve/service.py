@@ -3,7 +3,7 @@
     gen = Generator("smol", engine, ckpt.generation_config, Metrics())
     ids = gen.encode_chat(messages)                      # the chat template; 400 if none
     params = gen.sampling(len(ids), temperature=0.7)     # request defaults, context check
-    async for i, delta in gen.generate([ids], [params], "req-1"):
+    async for i, delta in gen.open([ids], [params], "req-1", len(ids)):   # 429 here if the queue is full
         ...
 
 A `Generator` is one served model. It owns what every caller would otherwise redo: encoding
@@ -181,7 +181,6 @@ class Generator:
         return params
 
     def track(self, request_id: str, prompt_tokens: int) -> Tracker:
-        """The timer and counter of one request (a prompt shared by n choices counts once, as OpenAI does)."""
         return Tracker(self.metrics, self.name, request_id, prompt_tokens)
 
     def check(self, prompts: list[list[int]], params: list[SamplingParams | None]) -> None:
@@ -192,13 +191,16 @@ class Generator:
         except QtError as e:
             raise request_error(e) from None
 
-    def open(self, prompts: list[list[int]], params: list[SamplingParams | None], tracker: Tracker,
-             prompt_logprobs: list[int | None] | None = None) -> Run:
+    def open(self, prompts: list[list[int]], params: list[SamplingParams | None], request_id: str,
+             prompt_tokens: int, prompt_logprobs: list[int | None] | None = None) -> Run:
         """Submit one engine request per prompt now (so a full queue is a 429 before any response
-        starts), and return their deltas as one `Run`. A params entry None scores its prompt only
-        (with `prompt_logprobs`). Call it on the event loop that will read the run."""
+        starts), and return their deltas as one `Run`, timed and counted as one request of
+        `prompt_tokens` (a prompt shared by n choices counts once, as OpenAI does). A params entry
+        None scores its prompt only (with `prompt_logprobs`). Call it on the event loop that will
+        read the run."""
         self.check(prompts, params)
-        return Run(self, prompts, params, tracker, prompt_logprobs or [None] * len(prompts))
+        return Run(self, prompts, params, self.track(request_id, prompt_tokens),
+                   prompt_logprobs or [None] * len(prompts))
 
     def stream_sync(self, prompt: list[int], params: SamplingParams, cancel: threading.Event | None = None
                     ) -> Iterator[Delta]:
