@@ -19,16 +19,17 @@ batch: one decode step at batch 16 vs batch 1, through `Transformer.forward` wit
   median step times, and a profile of where the batch-16 step goes. Also the attention
   prototype: grouped-query attention as two batched matmuls instead of SDPA(enable_gqa, mask).
 serve: batch-1 streaming through a real `qt-serve` subprocess (httpx, SSE) vs `LLM.stream`
-  in-process on the same checkpoint, under several thread / OpenMP settings.
+  in-process on the same checkpoint, under several settings: environment variables (thread /
+  OpenMP / kernel choices) and `models=N` (a server holding N models, requests to one).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evals.bench import CONFIGS, hf_twin  # noqa: E402
+from evals.bench import CONFIGS, hf_twin, serving  # noqa: E402
 from qt_serve import checkpoint, fast  # noqa: E402
 from qt_serve.kv import KVCache, RaggedBatch  # noqa: E402
 from qt_serve.model import Transformer  # noqa: E402
@@ -260,12 +261,6 @@ def legacy_split(model):
 # ---- (3) qt-serve vs in-process ----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stream_http(url: str, prompt: list[int], n: int) -> tuple[float, int]:
     """(seconds from the first to the last streamed token, tokens) for one streaming /v1/completions."""
     import httpx
@@ -280,47 +275,6 @@ def stream_http(url: str, prompt: list[int], n: int) -> tuple[float, int]:
                 if chunk.get("choices"):
                     stamps.append(time.perf_counter())
     return stamps[-1] - stamps[0], len(stamps)
-
-
-RELEASE_WRAPPER = """
-import sys
-import qt_serve.api as api
-from qt_serve import fast
-load = api.load_generators
-
-def load_then_release(*a, **k):  # the proposed fix, applied from outside cli.py
-    generators = load(*a, **k)
-    print("released main thread's OpenMP team:", fast.release_openmp_threads(), file=sys.stderr, flush=True)
-    return generators
-
-api.load_generators = load_then_release
-from qt_serve.cli import serve_main
-sys.argv[0] = "qt-serve"
-sys.exit(serve_main())
-"""
-
-
-def serve_subprocess(ckpt_dir: Path, env_extra: dict, release: bool = False):
-    """A real qt-serve on a free port; with `release`, the main thread's OpenMP team is let go after loading."""
-    port = free_port()
-    env = {**os.environ, **env_extra}
-    entry = ["-c", RELEASE_WRAPPER] if release else ["-m", "qt_serve.cli_serve"]
-    cmd = [sys.executable, *entry, "--model", f"m={ckpt_dir}", "--no-page", "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    import httpx
-
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"qt-serve exited: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("qt-serve did not start")
 
 
 IN_PROCESS = """
@@ -379,11 +333,12 @@ def serve(args) -> dict:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, CONFIGS[args.model].vocab_size, (args.prompt,), generator=g).tolist()
     engines = {"in-process LLM.stream": InProcess(ckpt_dir)}
-    procs = []
+    servers = contextlib.ExitStack()
     for label, extra in args.settings.items():
-        release = extra.pop("release", None) is not None
-        proc, url = serve_subprocess(ckpt_dir, extra, release)
-        procs.append(proc)
+        # models=N: the same checkpoint served under N names (requests go to the first)
+        names = [f"m{i}" if i else "m" for i in range(int(extra.pop("models", 1)))]
+        url, _ = servers.enter_context(serving({n: str(ckpt_dir) for n in names}, "--no-page", env=extra,
+                                               log=subprocess.DEVNULL))
 
         def via_http(p, n, url=url):
             secs, got = stream_http(url, p, n)
@@ -399,9 +354,7 @@ def serve(args) -> dict:
                 results[k].append(fn(prompt, args.new_tokens))
     finally:
         engines["in-process LLM.stream"].close()
-        for proc in procs:
-            proc.terminate()
-            proc.wait(30)
+        servers.close()
     ref = statistics.median(results["in-process LLM.stream"])
     for k, v in results.items():
         print(f"{k:>40}: median {statistics.median(v):5.1f} tok/s (×{statistics.median(v) / ref:4.2f} in-process), "
@@ -420,9 +373,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gemv", default="auto", help="batch: the one-row path of the batch-1 step")
     ap.add_argument("--paths", nargs="*", default=list(fast.GEMV_PATHS), help="decode: forced gemv paths to time")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--serve-env", nargs="*", default=["default", "release=1"],
-                    help="serve: one qt-serve per setting, 'default' or VAR=VALUE[,VAR=VALUE]; release=1 applies "
-                         "fast.release_openmp_threads() in the main thread after loading (the proposed fix)")
+    ap.add_argument("--serve-env", nargs="*", default=["default", "models=2"],
+                    help="serve: one qt-serve per setting, 'default' or VAR=VALUE[,VAR=VALUE] (environment "
+                         "variables); models=N serves the checkpoint under N names, requests going to the first")
     args = ap.parse_args(argv)
     args.settings = {s: dict(kv.split("=", 1) for kv in s.split(",")) if s != "default" else {}
                      for s in args.serve_env}

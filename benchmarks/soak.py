@@ -23,13 +23,14 @@ import collections
 import json
 import random
 import re
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evals.bench import serving  # noqa: E402
 
 PROMPTS = ["Tell me about the sea.", "Which city is the capital of France?", "Write a short poem about autumn.",
            "Explain what a transformer model is.", "Give me three tips for learning Python.", "What is 12 times 7?"]
@@ -126,24 +127,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/soak.json")
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
     log_path = Path(args.out).with_suffix(".server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("w")
-    server = subprocess.Popen([sys.executable, "-m", "qt_serve.cli_serve", "--model", f"m={args.model}",
-                               "--port", str(port), "--max-batch", str(args.max_batch), "--max-queue", "256",
-                               "--max-model-len", "1024", "--log-level", "warning"], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
+    with log_path.open("w") as log, serving({"m": args.model}, "--max-batch", str(args.max_batch), "--max-queue", "256",
+                                            "--max-model-len", "1024", "--log-level", "warning",
+                                            log=log) as (url, server):
         asyncio.run(run(url, "m", args.warmup, args.concurrency, args.seed + 1000))
         rss_start = rss_mb(server.pid)
         start = time.monotonic()
@@ -152,9 +140,7 @@ def main() -> int:
         time.sleep(1.0)  # let the engine free the last rows
         metrics = httpx.get(url + "/metrics").text
         rss_end = rss_mb(server.pid)
-    finally:
-        server.terminate()
-        code = server.wait(timeout=60)
+    code = server.returncode
     result = {
         "model": args.model, "seconds": round(elapsed, 1), "concurrency": args.concurrency, **stats,
         "non_200": sum(v for k, v in stats.items() if k.startswith("status ") and k != "status 200"),

@@ -142,8 +142,11 @@ def decode(args) -> list[dict]:
 
 
 @contextlib.contextmanager
-def serving(spec: str, name: str, max_batch: int, context: int):
-    """`qt-serve` as users run it, a subprocess on a free loopback port (API only); yields its URL."""
+def serving(models: dict[str, str], *flags: str, env: dict | None = None, log=None):
+    """`qt-serve` as users run it: a subprocess on a free loopback port holding `models` (name -> spec),
+    started with `flags` (and `env` on top of this process's environment, its output to `log`); yields
+    (url, process). Stopped with SIGTERM on leaving, so `process.returncode` is its exit code."""
+    import os
     import socket
     import subprocess
     import sys
@@ -153,9 +156,10 @@ def serving(spec: str, name: str, max_batch: int, context: int):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "qt_serve.cli_serve", "--model", f"{name}={spec}", "--no-page",
-                             "--port", str(port), "--max-batch", str(max_batch), "--max-queue", "1024",
-                             "--max-model-len", str(context), "--log-level", "warning"])
+    cmd = [sys.executable, "-m", "qt_serve.cli_serve", "--port", str(port), *flags]
+    for name, spec in models.items():
+        cmd += ["--model", f"{name}={spec}"]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
@@ -167,7 +171,7 @@ def serving(spec: str, name: str, max_batch: int, context: int):
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(60)
@@ -342,7 +346,8 @@ def serve(args) -> dict:
         if args.model in CONFIGS:  # the same random weights, as a checkpoint directory qt-serve loads
             spec = str(save_checkpoint(Path(tmp) / "model", ckpt.model))
         # The KV cache is max_batch rows of exactly one request's length: the model's own context would be wasted RAM.
-        with serving(spec, "m", args.max_batch, args.prompt + args.new_tokens) as url:
+        with serving({"m": spec}, "--no-page", "--max-batch", str(args.max_batch), "--max-queue", "1024",
+                     "--max-model-len", str(args.prompt + args.new_tokens), "--log-level", "warning") as (url, _):
             asyncio.run(load_level(url, "m", [prompts[0][:16]], 4, 1))  # warm-up, as for HF
             for c in args.concurrency:
                 r = asyncio.run(load_level(url, "m", prompts, args.new_tokens, c))

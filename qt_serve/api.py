@@ -110,14 +110,15 @@ class Guard:
                 return
             if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 # A chunked body has no length up front: read it here, up to the limit.
-                body, more = [], True
+                body, size, more = [], 0, True
                 while more:
                     message = await receive()
                     if message["type"] == "http.disconnect":
                         return
                     body.append(message.get("body", b""))
+                    size += len(body[-1])
                     more = message.get("more_body", False)
-                    if sum(map(len, body)) > self.max_body:
+                    if size > self.max_body:
                         await self.too_large()(scope, receive, counted)
                         return
                 receive = replay(b"".join(body), receive)

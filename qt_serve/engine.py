@@ -309,8 +309,6 @@ class Engine:
         Requests still prefilling get up to `prefill_chunk` prompt tokens in total per step, so a
         long prompt never stalls the others' decoding for more than one chunk.
         """
-        with self.cond:  # requests that finished at once (e.g. max_tokens=1) leave first
-            self._drop_finished()
         segments: list[Segment] = []
         logits_at: list[int] = []
         users = []  # (request, first position fed, how many logit rows it takes)
