@@ -4,6 +4,11 @@
     model.safetensors        HF parameter names (or sharded: model-0000x-of-0000y + index)
     tokenizer.json, tokenizer_config.json (with chat_template), generation_config.json
 
+A quantized checkpoint records its scheme in config.json (`qt.quantization.scheme`). fp16 and
+bf16 are plain dtypes (`torch_dtype`) and load here; any other scheme is loaded by the package
+that wrote it, found through the entry point group `qt_serve.formats` (name = scheme; qt's own
+are in quant/), so this layer imports nothing from above it.
+
 `save_checkpoint` writes into a temporary sibling directory and renames it into
 place, so a crash mid-write never leaves a directory that loads as if whole.
 `load` accepts such a directory (ours or one written by `transformers`), a `.gguf`
@@ -16,8 +21,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -29,20 +36,27 @@ from qt_serve.model import Transformer, rope_tables
 from qt_serve.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CAST_SCHEMES = ("fp16", "bf16")  # quantization schemes that are only a dtype: loaded here
+FORMATS_GROUP = "qt_serve.formats"
 
 
 @dataclass
 class Checkpoint:
-    """A loaded model with everything needed to run it."""
+    """A loaded model with everything needed to run it.
 
-    model: Transformer
+    `model` is the torch module, or None for a backend that has none (an ONNX graph); then
+    `runner` builds the engine's runner (`qt_serve.runner.Runner`) and `cfg` is its config."""
+
+    model: Transformer | None
     tokenizer: Tokenizer | None
     generation_config: dict
     source: str
+    runner: Callable[[], Any] | None = None
+    cfg: ModelConfig | None = None
 
     @property
     def config(self) -> ModelConfig:
-        return self.model.config
+        return self.cfg if self.model is None else self.model.config
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -109,7 +123,7 @@ def replace_dir(src: Path, dst: Path) -> None:
 # ---- reading -------------------------------------------------------------------
 
 
-def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
     if single.exists():
@@ -169,10 +183,30 @@ def load_dir(directory: str | Path, dtype: torch.dtype | None = None, device="cp
     if not directory.is_dir():
         raise QtError(f"checkpoint directory {directory} does not exist")
     cfg = ModelConfig.load(directory / "config.json")
-    model = build_model(cfg, _read_tensors(directory), str(directory), dtype, device, max_seq_len)
     tokenizer = Tokenizer.load(directory) if (directory / "tokenizer.json").exists() else None
     gen = read_json(directory / "generation_config.json", missing={})
-    return Checkpoint(model, tokenizer, gen, str(directory))
+    scheme = (cfg.quantization or {}).get("scheme")
+    if scheme is None or scheme in CAST_SCHEMES:
+        model = build_model(cfg, read_tensors(directory), str(directory), dtype, device, max_seq_len)
+        return Checkpoint(model, tokenizer, gen, str(directory))
+    model, runner = checkpoint_format(scheme, directory)(directory, cfg, dtype=dtype, device=device,
+                                                         max_seq_len=max_seq_len)
+    return Checkpoint(model, tokenizer, gen, str(directory), runner=runner, cfg=cfg)
+
+
+def checkpoint_format(scheme: str, directory: Path | str = "the checkpoint") -> Callable:
+    """The loader of a quantization scheme, from the package that registered it:
+
+        load(directory, cfg, dtype=, device=, max_seq_len=) -> (model | None, runner factory | None)
+    """
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=FORMATS_GROUP)}
+    if scheme not in found:
+        known = ", ".join(sorted(found) + list(CAST_SCHEMES)) or "none installed"
+        raise QtError(f"{directory} is quantized with scheme {scheme!r}, which no installed package loads "
+                      f"(known: {known}); install qt with its quant/ package (pip install -e .)")
+    return found[scheme].load()
 
 
 def load(spec: str | Path, dtype: str | torch.dtype | None = None, device="cpu",

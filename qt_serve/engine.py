@@ -112,8 +112,10 @@ class Engine:
 
     @classmethod
     def load(cls, ckpt: Checkpoint, optimize: bool = True, **kw) -> Engine:
-        """An engine over a loaded checkpoint's torch model (swapped for fast decode unless told not to)."""
-        return cls(TorchRunner(ckpt.model, optimize), ckpt.tokenizer, eos_ids_of(ckpt), **kw)
+        """An engine over a loaded checkpoint: its own runner (ONNX Runtime, ...) or its torch model
+        (whose nn.Linear layers are swapped for fast decode unless told not to)."""
+        runner = ckpt.runner() if ckpt.runner is not None else TorchRunner(ckpt.model, optimize)
+        return cls(runner, ckpt.tokenizer, eos_ids_of(ckpt), **kw)
 
     # ---- public API (any thread) ----------------------------------------------------
 

@@ -15,9 +15,12 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from qt_serve import checkpoint
 from qt_serve.engine import Engine
 from qt_serve.errors import QtError
+from qt_serve.model import Transformer
 from qt_serve.sampling import Choice, SamplingParams
 from qt_serve.sequence import Delta
 from qt_serve.service import Generator
@@ -40,7 +43,8 @@ class LLM:
 
     def __init__(self, ckpt: checkpoint.Checkpoint, max_seq_len: int | None = None, optimize: bool = True):
         self.ckpt = ckpt
-        self.n_params = sum(p.numel() for p in ckpt.model.parameters())  # before swaps add W.T copies
+        with torch.device("meta"):  # counted on the config, whatever the weights' storage (int4, ONNX)
+            self.n_params = sum(p.numel() for p in Transformer(ckpt.config, 2).parameters())
         self.engine = Engine.load(ckpt, optimize=optimize, max_batch=1, max_queue=1, max_seq_len=max_seq_len,
                                   thread=False)
         self.gen = Generator(str(ckpt.source), self.engine, ckpt.generation_config)

@@ -40,22 +40,7 @@ class Runner(Protocol):
 
     def allocate(self, rows: int, length: int) -> None: ...
 
-    def forward(self, segments: list[Segment], logits_at: list[int]) -> torch.Tensor:
-        rows = [s.row for s in segments]
-        if all(len(s.tokens) == 1 for s in segments) and rows == list(range(len(rows))):
-            # Plain batched decode, rows 0..B-1 one token each: a (B, 1) batch on the first B rows.
-            idx = torch.tensor([s.tokens for s in segments], device=self.device)
-            pos = torch.tensor([[s.start] for s in segments], device=self.device)
-            logits = self.model(idx, pos, self.cache.rows(0, len(rows)))[:, 0]
-            if logits_at == rows:  # every row's logits, the usual decode step: no gather copy
-                return logits
-            return logits[torch.tensor(logits_at, dtype=torch.long, device=self.device)]
-        # Anything else (a prefill chunk, rows out of order): one (1, N) packed row.
-        positions = [list(range(s.start, s.start + len(s.tokens))) for s in segments]
-        idx = torch.tensor([[t for s in segments for t in s.tokens]], device=self.device)
-        pos = torch.tensor([[p for ps in positions for p in ps]], device=self.device)
-        index = torch.tensor([logits_at], dtype=torch.long, device=self.device)
-        return self.model(idx, pos, RaggedBatch(self.cache, rows, positions), logit_index=index)[0]
+    def forward(self, segments: list[Segment], logits_at: list[int]) -> torch.Tensor: ...
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None: ...
 

@@ -100,7 +100,7 @@ def prefix_len(a: list[int], b: list[int], limit: int) -> int:
 def eos_ids_of(ckpt) -> list[int]:
     """End-of-sequence ids from config.json, generation_config.json and the tokenizer together."""
     gen_eos = ckpt.generation_config.get("eos_token_id")
-    eos = set(ckpt.model.config.eos_token_ids) | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    eos = set(ckpt.config.eos_token_ids) | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     if ckpt.tokenizer is not None and ckpt.tokenizer.eos_id is not None:
         eos.add(ckpt.tokenizer.eos_id)
     return sorted(i for i in eos if i is not None)
