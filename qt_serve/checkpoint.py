@@ -85,21 +85,32 @@ def save_checkpoint(directory: str | Path, model: Transformer, tokenizer: Tokeni
     `extra(tmp_dir)`, when given, writes more files (e.g. train/'s train_state.pt) into the
     directory before the rename, so they appear together with the weights or not at all.
     """
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    cfg.torch_dtype = {v: k for k, v in DTYPES.items()}.get(dtype, cfg.torch_dtype)
+
+    def weights(tmp: Path) -> None:
+        save_file(state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if extra is not None:
+            extra(tmp)
+
+    return write_checkpoint(directory, cfg, weights, tokenizer, generation_config)
+
+
+def write_checkpoint(directory: str | Path, cfg: ModelConfig, weights: Callable[[Path], None],
+                     tokenizer: Tokenizer | None = None, generation_config: dict | None = None) -> Path:
+    """A checkpoint directory whose weights `weights(tmp_dir)` writes (safetensors, an ONNX graph, ...):
+    config, tokenizer and generation config beside them, all in a temp dir renamed into place."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        cfg = model.config
-        dtype = next(model.parameters()).dtype
-        cfg.torch_dtype = {v: k for k, v in DTYPES.items()}.get(dtype, cfg.torch_dtype)
         cfg.save(tmp / "config.json")
-        save_file(state_dict_for_saving(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        weights(tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, **(generation_config or {})}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        if extra is not None:
-            extra(tmp)
         replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,317 @@
+"""ONNX export of a checkpoint, and the onnxruntime runner that serves it.
+
+The graph is written node by node with `onnx.helper` from the checkpoint's weights (no tracing),
+with onnxruntime's fused decoder ops so a decode step is ~10 kernel launches per layer:
+
+    input_ids (B, S) ─ Gather(embed_tokens) ─> x
+    N × [ RMSNorm ─ MatMul q|k|v ─ GroupQueryAttention (RoPE, KV cache) ─ MatMul o
+          (residual +) RMSNorm ─ MatMul gate|up ─ SiLU(gate)·up ─ MatMul down ]
+    (residual +) RMSNorm ─ Gather(logit_index) ─ MatMul lm_head ─> logits (K, vocab)
+
+Inputs:
+    input_ids              (B, S) int64
+    seqlens_k              (B,) int32: each row's length after this step, minus 1
+    total_sequence_length  () int32: the longest row's length after this step
+    logit_index            (K,) int64: positions in the flattened B·S tokens whose logits are wanted
+                           (the LM head, the largest product per token, runs on those rows only)
+    past_key_i, past_value_i   (B, kv_heads, L, head_dim) float32, for each layer i
+Outputs:
+    logits                 (K, vocab) float32
+    present_key_i, present_value_i   (B, kv_heads, L, head_dim): the runner binds them to the past
+                           inputs' memory, so GroupQueryAttention writes the new keys and values in
+                           place at each row's own length (continuous batching: rows differ in length)
+
+`onnx-int4` / `onnx-int8` replace each MatMul (the LM head included) and the embedding Gather by
+onnxruntime's block-quantized `MatMulNBits` / `GatherBlockQuantized` (onnxruntime's own
+MatMulNBitsQuantizer; blocks of 32 along the input dimension, asymmetric, accuracy_level 4 = int8
+activations in the dot products, which is what makes it fast on CPUs with VNNI).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qt_serve.checkpoint import Checkpoint, write_checkpoint
+from qt_serve.config import ModelConfig
+from qt_serve.errors import QtError
+from qt_serve.model import rope_tables
+from qt_serve.runner import Segment
+
+OPSET = 21
+MS = "com.microsoft"
+FILE, DATA = "model.onnx", "model.onnx.data"
+WEIGHTS = {"fp32": None, "int4": 4, "int8": 8}  # ONNX weight format -> bits of MatMulNBits
+
+
+# ---- export ------------------------------------------------------------------------------
+
+
+class _Graph:
+    """Nodes and initializers of the graph being written, with fresh names for intermediates."""
+
+    def __init__(self):
+        self.nodes, self.inits, self.n = [], [], 0
+
+    def init(self, name: str, array) -> str:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op: str, inputs: list[str], outputs: int = 1, domain: str = "", **attrs) -> list[str]:
+        from onnx import helper
+
+        self.n += 1
+        names = [f"{op}_{self.n}_{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, names, name=f"{op}_{self.n}", domain=domain, **attrs))
+        return names
+
+    def matmul(self, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+        """x @ weight.T (+ bias): the (out, in) torch weight stored (in, out) as MatMul wants it."""
+        y = self.op("MatMul", [x, self.init(name, weight.detach().float().t().numpy())])[0]
+        if bias is not None:
+            y = self.op("Add", [y, self.init(name + ".bias", bias.detach().float().numpy())])[0]
+        return y
+
+
+def build_graph(model):
+    """The fp32 ONNX graph (onnx.ModelProto) of a `qt_serve.model.Transformer` (see the module docstring)."""
+    from onnx import TensorProto, helper
+
+    cfg: ModelConfig = model.config
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    g = _Graph()
+    eps = float(cfg.rms_norm_eps)
+    kv, hd = cfg.num_key_value_heads, cfg.head_dim
+    cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
+    g.init("cos_cache", cos[:, : hd // 2].numpy())  # (max_pos, head_dim/2): GQA rotates pairs (i, i + hd/2)
+    g.init("sin_cache", sin[:, : hd // 2].numpy())
+
+    x = g.op("Gather", [g.init("embed_tokens", sd["model.embed_tokens.weight"].numpy()), "input_ids"])[0]
+    residual, pending = x, None  # pending: the last block output not yet added to the residual
+    presents = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+
+        def norm(name):
+            nonlocal residual, pending
+            w = g.init(p + name, sd[p + name + ".weight"].numpy())
+            if pending is None:
+                return g.op("SimplifiedLayerNormalization", [residual, w], epsilon=eps, axis=-1)[0]
+            out = g.op("SkipSimplifiedLayerNormalization", [pending, residual, w], outputs=4, domain=MS, epsilon=eps)
+            residual, pending = out[3], None  # out[3] = pending + residual
+            return out[0]
+
+        h = norm("input_layernorm")
+        att = p + "self_attn."
+        qkv_w = torch.cat([sd[att + n + ".weight"] for n in ("q_proj", "k_proj", "v_proj")])
+        qkv_b = torch.cat([sd[att + n + ".bias"] for n in ("q_proj", "k_proj", "v_proj")]) if cfg.attention_bias \
+            else None
+        qkv = g.matmul(h, att + "qkv_proj", qkv_w, qkv_b)  # (B, S, (H + 2·KV)·D): GQA's packed layout
+        y, pk, pv = g.op("GroupQueryAttention",
+                         [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
+                          "cos_cache", "sin_cache"], outputs=3, domain=MS,
+                         num_heads=cfg.num_attention_heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0)
+        presents += [pk, pv]
+        pending = g.matmul(y, att + "o_proj", sd[att + "o_proj.weight"], sd.get(att + "o_proj.bias"))
+
+        h = norm("post_attention_layernorm")
+        mlp = p + "mlp."
+        gu_w = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
+        gu_b = torch.cat([sd[mlp + "gate_proj.bias"], sd[mlp + "up_proj.bias"]]) if cfg.mlp_bias else None
+        gate, up = g.op("Split", [g.matmul(h, mlp + "gate_up_proj", gu_w, gu_b)], outputs=2, axis=-1, num_outputs=2)
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]  # SiLU(gate) · up
+        pending = g.matmul(act, mlp + "down_proj", sd[mlp + "down_proj.weight"], sd.get(mlp + "down_proj.bias"))
+
+    w = g.init("model.norm", sd["model.norm.weight"].numpy())
+    h = g.op("SkipSimplifiedLayerNormalization", [pending, residual, w], outputs=4, domain=MS, epsilon=eps)[0]
+    rows = g.op("Reshape", [h, g.init("hidden_rows", np.array([-1, cfg.hidden_size], dtype=np.int64))])[0]
+    picked = g.op("Gather", [rows, "logit_index"], axis=0)[0]  # (K, hidden)
+    logits = g.matmul(picked, "lm_head", sd["lm_head.weight"], sd.get("lm_head.bias"))
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+    for i, name in enumerate(presents):
+        g.nodes.append(helper.make_node("Identity", [name], [f"present_{'key' if i % 2 == 0 else 'value'}_{i // 2}"]))
+
+    f32, cache = TensorProto.FLOAT, ["batch", kv, "cache_len", hd]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+              helper.make_tensor_value_info("logit_index", TensorProto.INT64, ["picked"])]
+    outputs = [helper.make_tensor_value_info("logits", f32, ["picked", cfg.vocab_size])]
+    for i in range(cfg.num_hidden_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", f32, cache))
+            outputs.append(helper.make_tensor_value_info(f"present_{kind}_{i}", f32, cache))
+    graph = helper.make_graph(g.nodes, "qt_decoder", inputs, outputs, initializer=g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                             producer_name="qt", ir_version=10)
+
+
+def quantize_graph(proto, bits: int, block_size: int, accuracy_level: int = 4):
+    """MatMul -> MatMulNBits and the embedding Gather -> GatherBlockQuantized, by onnxruntime's quantizer."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    ops = ("MatMul", "Gather") if bits == 4 else ("MatMul",)  # GatherBlockQuantized is 4-bit only
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level,
+                                          bits=bits, op_types_to_quantize=ops,
+                                          quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False,
+                                     accuracy_level=accuracy_level, algo_config=config)
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.WARNING)  # the quantizer logs every node at INFO
+    try:
+        quantizer.process()
+    finally:
+        logging.getLogger().setLevel(level)
+    return quantizer.model.model
+
+
+def export(ckpt: Checkpoint, out: str | Path, weights: str = "fp32", block_size: int | None = None) -> Path:
+    """Write checkpoint directory `out`: config.json (scheme "onnx"), model.onnx + model.onnx.data, tokenizer."""
+    import onnx
+
+    if weights not in WEIGHTS:
+        raise QtError(f"ONNX weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
+    cfg = copy.deepcopy(ckpt.config)
+    if cfg.head_dim % 16:
+        raise QtError(f"head_dim {cfg.head_dim} is not a multiple of 16, which onnxruntime's GroupQueryAttention "
+                      "needs for rotary embeddings; serve this model in torch (fp32/bf16/int8/int4)")
+    bits, block = WEIGHTS[weights], block_size or 32
+    if bits is not None and (block < 16 or block & (block - 1)):
+        raise QtError(f"block size {block}: MatMulNBits takes a power of two ≥ 16")
+    proto = build_graph(ckpt.model)
+    if bits is not None:
+        proto = quantize_graph(proto, bits, block)
+    cfg.torch_dtype = "float32"
+    cfg.quantization = {"scheme": "onnx", "weights": weights, "file": FILE, "opset": OPSET,
+                        **({"block_size": block, "accuracy_level": 4} if bits else {})}
+
+    def write(tmp: Path) -> None:
+        onnx.save_model(proto, str(tmp / FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA, size_threshold=1024)
+
+    return write_checkpoint(out, cfg, write, ckpt.tokenizer, ckpt.generation_config)
+
+
+# ---- serving -----------------------------------------------------------------------------
+
+
+def load(directory: Path, cfg: ModelConfig, dtype=None, device="cpu", max_seq_len=None):
+    """The `qt_serve.formats` loader of scheme "onnx": no torch model, a runner factory."""
+    path = Path(directory) / (cfg.quantization or {}).get("file", FILE)
+    if not path.is_file():
+        raise QtError(f"{path} is missing: the ONNX checkpoint is incomplete; export it again with "
+                      f"qt-quant SOURCE --to onnx")
+    if dtype not in (None, torch.float32, "float32"):
+        raise QtError(f"{directory} is an ONNX graph that runs in the precision it was exported with; "
+                      "leave out --dtype (or export again from the source checkpoint)")
+    length = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    return None, lambda: OnnxRunner(path, cfg, length, device)
+
+
+class OnnxRunner:
+    """A `qt_serve.runner.Runner` over an onnxruntime session of the graph above.
+
+    The KV cache is one torch tensor per kind, (layers, rows, kv_heads, L, head_dim), whose row
+    ranges are bound (by pointer) as both past and present of a run, so onnxruntime updates it in
+    place. A step runs as few sessions as it can: single-token segments on consecutive rows
+    together (one decode batch), each prefill chunk alone (GroupQueryAttention takes a prompt
+    continuation only at batch 1)."""
+
+    def __init__(self, path: str | Path, cfg: ModelConfig, max_seq_len: int, device="cpu",
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        self.config, self.max_seq_len, self.device = cfg, max_seq_len, torch.device(device)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise QtError("device cuda asked for, but this onnxruntime has no CUDA execution provider; "
+                              "pip install onnxruntime-gpu (qt's gpu extra) or serve on cpu")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise QtError(f"{path}: onnxruntime cannot load it ({e})") from None
+        names = {i.name for i in self.session.get_inputs()}
+        wanted = {"input_ids", "seqlens_k", "total_sequence_length", "logit_index"} | {
+            f"past_{k}_{i}" for i in range(cfg.num_hidden_layers) for k in ("key", "value")}
+        if wanted - names:
+            raise QtError(f"{path} lacks the inputs qt's runner drives ({', '.join(sorted(wanted - names)[:4])}, "
+                          "...): it is not a graph exported by qt-quant --to onnx, with a KV cache per layer")
+        self.k = self.v = None
+        self.bindings: dict[tuple[int, int], object] = {}
+        self.where = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
+
+    def allocate(self, rows: int, length: int) -> None:
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, min(length, self.max_seq_len), cfg.head_dim)
+        self.k = self.v = None  # free the old cache first
+        self.bindings = {}  # they point into the old cache
+        self.k = torch.zeros(shape, device=self.device)
+        self.v = torch.zeros(shape, device=self.device)
+
+    def forward(self, segments: list[Segment], logits_at: list[int]) -> torch.Tensor:
+        # Group the segments into runs, then map each wanted index to (run, index within the run).
+        runs, offset = [], 0
+        for s in segments:
+            last = runs[-1] if runs else None
+            if (len(s.tokens) == 1 and last and len(last[0][-1].tokens) == 1
+                    and s.row == last[0][-1].row + 1):
+                last[0].append(s)
+            else:
+                runs.append(([s], offset))
+            offset += len(s.tokens)
+        where = []  # per wanted index: its run
+        bounds = [(start, start + sum(len(s.tokens) for s in segs)) for segs, start in runs]
+        for i in logits_at:
+            where.append(next(r for r, (a, b) in enumerate(bounds) if a <= i < b))
+        out = torch.empty((len(logits_at), self.config.vocab_size), device=self.device)
+        for r, (segs, start) in enumerate(runs):
+            picks = [j for j, w in enumerate(where) if w == r]  # a run with none still writes the cache
+            out[picks] = self._run(segs, [logits_at[j] - start for j in picks])
+        return out
+
+    def _run(self, segs: list[Segment], picks: list[int]) -> torch.Tensor:
+        """One session run of `segs` (one prefill chunk, or one token on each of consecutive rows)."""
+        row, B, S = segs[0].row, len(segs), len(segs[0].tokens)
+        ends = [s.start + len(s.tokens) for s in segs]  # each row's length after this step
+        b = self._binding(row, B)
+        b.bind_cpu_input("input_ids", np.array([s.tokens for s in segs], dtype=np.int64))
+        b.bind_cpu_input("seqlens_k", np.array(ends, dtype=np.int32) - 1)
+        b.bind_cpu_input("total_sequence_length", np.array(max(ends), dtype=np.int32))
+        b.bind_cpu_input("logit_index", np.array(picks or [B * S - 1], dtype=np.int64))
+        logits = torch.empty((max(len(picks), 1), self.config.vocab_size), device=self.device)
+        b.bind_output("logits", *self.where, np.float32, tuple(logits.shape), logits.data_ptr())
+        self.session.run_with_iobinding(b)
+        return logits[: len(picks)]
+
+    def _binding(self, row: int, B: int):
+        """The io binding with rows row..row+B-1 of the cache as every layer's past and present
+        (contiguous, bound by pointer); kept per (row, B) since binding 4·layers buffers costs ~1 ms."""
+        key = (row, B)
+        if key not in self.bindings:
+            b = self.session.io_binding()
+            shape = (B,) + tuple(self.k.shape[2:])
+            for i in range(self.config.num_hidden_layers):
+                for kind, cache in (("key", self.k), ("value", self.v)):
+                    ptr = cache[i, row].data_ptr()
+                    b.bind_input(f"past_{kind}_{i}", *self.where, np.float32, shape, ptr)
+                    b.bind_output(f"present_{kind}_{i}", *self.where, np.float32, shape, ptr)
+            self.bindings[key] = b
+        return self.bindings[key]
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
