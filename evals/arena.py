@@ -24,7 +24,10 @@ def table(rows: list[dict]) -> str:
 
 def grid(head: list[str], body: list[list[str]]) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    def line(cells):
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in body])
 
 

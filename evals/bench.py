@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from qt_serve.config import ModelConfig
+from qt_serve.errors import QtError
 from qt_serve.hub import DEFAULT_MODEL
 
 CONFIGS = {
@@ -79,14 +80,16 @@ def time_hf(hf, prompt: list[int], new_tokens: int) -> tuple[float, float]:
 
 def bench_model(name: str, ckpt, hf, args) -> dict:
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, ckpt.model.config.vocab_size, (args.prompt,), generator=g).tolist()
+    prompt = torch.randint(0, ckpt.config.vocab_size, (args.prompt,), generator=g).tolist()
     best = {}
-    for engine, fn, m in (("qt", time_qt, ckpt), ("hf", time_hf, hf)):
+    for engine, fn, m in (("qt", time_qt, ckpt), ("hf", time_hf, hf))[: 1 if hf is None else 2]:
         fn(m, prompt[:16], 4)  # warm-up: allocator, thread pool, lazy init
         runs = [fn(m, prompt, args.new_tokens) for _ in range(args.runs)]
         ttft = min(r[0] for r in runs)
         tps = max((args.new_tokens - 1) / r[1] for r in runs)
         best[engine] = {"ttft_s": ttft, "decode_tok_s": tps}
+    if hf is None:  # a quantized checkpoint: HF holds no twin of its weights (`qt-quant compare` has peers)
+        return {"model": name, "scheme": ckpt.config.quantization["scheme"], **best}
     nbytes = weight_bytes_per_token(hf)
     for r in best.values():
         r["weight_GB_s"] = nbytes * r["decode_tok_s"] / 1e9
@@ -127,8 +130,13 @@ def decode(args) -> list[dict]:
     rows = []
     for name in args.models:
         ckpt = load_model(name)
-        rows.append(bench_model(name, ckpt, hf_twin(ckpt), args))
+        plain = (ckpt.config.quantization or {}).get("scheme") in (None, "fp16", "bf16")
+        rows.append(bench_model(name, ckpt, hf_twin(ckpt) if plain else None, args))
         r = rows[-1]
+        if "hf" not in r:
+            print(f"{name:>24} {r['scheme']:>7} | qt {r['qt']['decode_tok_s']:6.1f} tok/s TTFT "
+                  f"{r['qt']['ttft_s'] * 1e3:6.0f} ms | no HF twin of quantized weights", flush=True)
+            continue
         print(f"{name:>24} {r['params_M']:6.0f}M | qt {r['qt']['decode_tok_s']:6.1f} tok/s "
               f"({r['qt']['weight_GB_s']:5.1f} GB/s) TTFT {r['qt']['ttft_s'] * 1e3:6.0f} ms | "
               f"HF {r['hf']['decode_tok_s']:6.1f} tok/s ({r['hf']['weight_GB_s']:5.1f} GB/s) "
@@ -326,6 +334,9 @@ def serve(args) -> dict:
 
     torch.set_grad_enabled(False)
     ckpt = load_model(args.model)
+    if (ckpt.config.quantization or {}).get("scheme") not in (None, "fp16", "bf16"):
+        raise QtError(f"{args.model} is quantized, and HF generate holds no twin of its weights to compare with; "
+                      "`qt-quant compare SOURCE` serves each precision through qt-serve beside llama.cpp")
     hf = hf_twin(ckpt)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, ckpt.config.vocab_size, (args.requests, args.prompt), generator=g).tolist()

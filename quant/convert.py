@@ -25,9 +25,12 @@ CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SCHEMES = (*CAST_SCHEMES, "int8", "int4", "onnx", "onnx-int4", "onnx-int8")
 
 
-def default_out(source: str, to: str) -> Path:
-    """SOURCE-TO beside a source directory (a known model name's cached directory included)."""
-    return Path(str(Path(source)).rstrip("/") + f"-{to}")
+def default_out(source: str | Path, to: str) -> Path:
+    """SOURCE-TO beside a source directory or .gguf file; ./NAME-TO for a known model name."""
+    path = Path(source)
+    if not path.exists():  # a known model name: in the working directory, not inside the cache
+        return Path.cwd() / f"{path.name}-{to}"
+    return path.with_name(f"{path.stem if path.suffix == '.gguf' else path.name}-{to}")
 
 
 def load_source(source: str | Path) -> Checkpoint:
@@ -57,7 +60,7 @@ def convert(source: str | Path, to: str, out: str | Path | None = None, group_si
     if group_size is not None and to not in ("int4", "onnx-int4"):
         raise QtError(f"--group-size applies to int4 and onnx-int4, not {to}")
     ckpt = load_source(source)
-    out = Path(out) if out is not None else default_out(ckpt.source, to)
+    out = Path(out) if out is not None else default_out(source, to)
     if to in CASTS:
         return cast(ckpt, to, out)
     if to in ("int8", "int4"):

@@ -23,7 +23,7 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install -y chromium, or set QT_CHROMIUM)",
                 allow_module_level=True)
 
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect, sync_playwright  # noqa: E402 (after the skip when it is missing)
 
 CTX = 1024  # long enough that a greedy reply is still streaming when Stop is pressed
 
