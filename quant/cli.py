@@ -1,6 +1,6 @@
 """`qt-quant`: convert a checkpoint, or compare its precisions.
 
-    qt-quant CHECKPOINT --to fp16|bf16|int8|int4|onnx|onnx-int4|onnx-int8 [--group-size G] [--out DIR]
+    qt-quant CHECKPOINT --to fp16|bf16|int8|int4|onnx|onnx-fp16|onnx-int4|onnx-int8 [--group-size G] [--out DIR]
     qt-quant compare CHECKPOINT [...]      (see `qt-quant compare --help`)
 """
 

@@ -2,8 +2,9 @@
 
     fp16, bf16      the weights cast (config.json's torch_dtype says so; transformers loads it unchanged)
     int8, int4      weight-only integer weights + scales, torch kernels chosen per CPU (quant.weights)
-    onnx, onnx-int4, onnx-int8
-                    an ONNX graph with KV-cache inputs/outputs for onnxruntime (quant.onnx)
+    onnx, onnx-fp16, onnx-int4, onnx-int8
+                    an ONNX graph with KV-cache inputs/outputs for onnxruntime (quant.onnx); fp16 is for
+                    the CUDA execution provider
 
 Every output is a whole checkpoint directory (written to a temp name, then renamed) whose
 config.json records the scheme under `qt.quantization`; qt-serve, qt-chat, qt-eval and
@@ -22,7 +23,7 @@ from qt_serve.checkpoint import CAST_SCHEMES, Checkpoint, save_checkpoint
 from qt_serve.errors import QtError
 
 CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
-SCHEMES = (*CAST_SCHEMES, "int8", "int4", "onnx", "onnx-int4", "onnx-int8")
+SCHEMES = (*CAST_SCHEMES, "int8", "int4", "onnx", "onnx-fp16", "onnx-int4", "onnx-int8")
 
 
 def default_out(source: str | Path, to: str) -> Path:
@@ -69,5 +70,5 @@ def convert(source: str | Path, to: str, out: str | Path | None = None, group_si
         return weights.write(ckpt, to, out, group_size)
     from quant import onnx
 
-    return onnx.export(ckpt, out, weights={"onnx": "fp32", "onnx-int4": "int4", "onnx-int8": "int8"}[to],
+    return onnx.export(ckpt, out, weights="fp32" if to == "onnx" else to[5:],
                        block_size=group_size)

@@ -14,9 +14,9 @@ Inputs:
     total_sequence_length  () int32: the longest row's length after this step
     logit_index            (K,) int64: positions in the flattened B·S tokens whose logits are wanted
                            (the LM head, the largest product per token, runs on those rows only)
-    past_key_i, past_value_i   (B, kv_heads, L, head_dim) float32, for each layer i
+    past_key_i, past_value_i   (B, kv_heads, L, head_dim), for each layer i
 Outputs:
-    logits                 (K, vocab) float32
+    logits                 (K, vocab)
     present_key_i, present_value_i   (B, kv_heads, L, head_dim): the runner binds them to the past
                            inputs' memory, so GroupQueryAttention writes the new keys and values in
                            place at each row's own length (continuous batching: rows differ in length)
@@ -25,6 +25,8 @@ Outputs:
 onnxruntime's block-quantized `MatMulNBits` / `GatherBlockQuantized` (onnxruntime's own
 MatMulNBitsQuantizer; blocks of 32 along the input dimension, asymmetric, accuracy_level 4 = int8
 activations in the dot products, which is what makes it fast on CPUs with VNNI).
+Floats are fp32, or fp16 in `onnx-fp16`: for the CUDA execution provider, whose GroupQueryAttention
+takes fp16 only (the CPU one runs both).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ from qt_serve.runner import Segment
 OPSET = 21
 MS = "com.microsoft"
 FILE, DATA = "model.onnx", "model.onnx.data"
-WEIGHTS = {"fp32": None, "int4": 4, "int8": 8}  # ONNX weight format -> bits of MatMulNBits
+WEIGHTS = {"fp32": None, "fp16": None, "int4": 4, "int8": 8}  # ONNX weight format -> bits of MatMulNBits
+NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+TORCH = {np.float32: torch.float32, np.float16: torch.float16}
 
 
 # ---- export ------------------------------------------------------------------------------
@@ -53,12 +57,14 @@ WEIGHTS = {"fp32": None, "int4": 4, "int8": 8}  # ONNX weight format -> bits of 
 class _Graph:
     """Nodes and initializers of the graph being written, with fresh names for intermediates."""
 
-    def __init__(self):
-        self.nodes, self.inits, self.n = [], [], 0
+    def __init__(self, dtype=np.float32):
+        self.nodes, self.inits, self.n, self.dtype = [], [], 0, dtype
 
     def init(self, name: str, array) -> str:
         from onnx import numpy_helper
 
+        if array.dtype.kind == "f":
+            array = array.astype(self.dtype)
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
@@ -78,13 +84,13 @@ class _Graph:
         return y
 
 
-def build_graph(model):
-    """The fp32 ONNX graph (onnx.ModelProto) of a `qt_serve.model.Transformer` (see the module docstring)."""
+def build_graph(model, dtype=np.float32):
+    """The ONNX graph (onnx.ModelProto) of a `qt_serve.model.Transformer`, floats in `dtype` (see the docstring)."""
     from onnx import TensorProto, helper
 
     cfg: ModelConfig = model.config
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
-    g = _Graph()
+    g = _Graph(dtype)
     eps = float(cfg.rms_norm_eps)
     kv, hd = cfg.num_key_value_heads, cfg.head_dim
     cos, sin = rope_tables(cfg, cfg.max_position_embeddings)
@@ -136,7 +142,7 @@ def build_graph(model):
     for i, name in enumerate(presents):
         g.nodes.append(helper.make_node("Identity", [name], [f"present_{'key' if i % 2 == 0 else 'value'}_{i // 2}"]))
 
-    f32, cache = TensorProto.FLOAT, ["batch", kv, "cache_len", hd]
+    f32, cache = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT, ["batch", kv, "cache_len", hd]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
               helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
               helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
@@ -185,10 +191,10 @@ def export(ckpt: Checkpoint, out: str | Path, weights: str = "fp32", block_size:
     bits, block = WEIGHTS[weights], block_size or 32
     if bits is not None and (block < 16 or block & (block - 1)):
         raise QtError(f"block size {block}: MatMulNBits takes a power of two ≥ 16")
-    proto = build_graph(ckpt.model)
+    proto = build_graph(ckpt.model, np.float16 if weights == "fp16" else np.float32)
     if bits is not None:
         proto = quantize_graph(proto, bits, block)
-    cfg.torch_dtype = "float32"
+    cfg.torch_dtype = "float16" if weights == "fp16" else "float32"
     cfg.quantization = {"scheme": "onnx", "weights": weights, "file": FILE, "opset": OPSET,
                         **({"block_size": block, "accuracy_level": 4} if bits else {})}
 
@@ -208,7 +214,7 @@ def load(directory: Path, cfg: ModelConfig, dtype=None, device="cpu", max_seq_le
     if not path.is_file():
         raise QtError(f"{path} is missing: the ONNX checkpoint is incomplete; export it again with "
                       f"qt-quant SOURCE --to onnx")
-    if dtype not in (None, torch.float32, "float32"):
+    if dtype is not None and dtype not in (torch.float32, "float32", torch.float16, "float16"):
         raise QtError(f"{directory} is an ONNX graph that runs in the precision it was exported with; "
                       "leave out --dtype (or export again from the source checkpoint)")
     length = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -244,12 +250,13 @@ class OnnxRunner:
             self.session = ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise QtError(f"{path}: onnxruntime cannot load it ({e})") from None
-        names = {i.name for i in self.session.get_inputs()}
+        types = {i.name: i.type for i in self.session.get_inputs()}
         wanted = {"input_ids", "seqlens_k", "total_sequence_length", "logit_index"} | {
             f"past_{k}_{i}" for i in range(cfg.num_hidden_layers) for k in ("key", "value")}
-        if wanted - names:
-            raise QtError(f"{path} lacks the inputs qt's runner drives ({', '.join(sorted(wanted - names)[:4])}, "
+        if wanted - set(types) or types["past_key_0"] not in NP:
+            raise QtError(f"{path} lacks the inputs qt's runner drives ({', '.join(sorted(wanted - set(types))[:4])}, "
                           "...): it is not a graph exported by qt-quant --to onnx, with a KV cache per layer")
+        self.np_dtype = NP[types["past_key_0"]]  # the cache's dtype: the graph's float type
         self.k = self.v = None
         self.bindings: dict[tuple[int, int], object] = {}
         self.where = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
@@ -259,8 +266,8 @@ class OnnxRunner:
         shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, min(length, self.max_seq_len), cfg.head_dim)
         self.k = self.v = None  # free the old cache first
         self.bindings = {}  # they point into the old cache
-        self.k = torch.zeros(shape, device=self.device)
-        self.v = torch.zeros(shape, device=self.device)
+        self.k = torch.zeros(shape, dtype=TORCH[self.np_dtype], device=self.device)
+        self.v = torch.zeros(shape, dtype=TORCH[self.np_dtype], device=self.device)
 
     def forward(self, segments: list[Segment], logits_at: list[int]) -> torch.Tensor:
         # Group the segments into runs, then map each wanted index to (run, index within the run).
@@ -292,10 +299,10 @@ class OnnxRunner:
         b.bind_cpu_input("seqlens_k", np.array(ends, dtype=np.int32) - 1)
         b.bind_cpu_input("total_sequence_length", np.array(max(ends), dtype=np.int32))
         b.bind_cpu_input("logit_index", np.array(picks or [B * S - 1], dtype=np.int64))
-        logits = torch.empty((max(len(picks), 1), self.config.vocab_size), device=self.device)
-        b.bind_output("logits", *self.where, np.float32, tuple(logits.shape), logits.data_ptr())
+        logits = torch.empty((max(len(picks), 1), self.config.vocab_size), dtype=self.k.dtype, device=self.device)
+        b.bind_output("logits", *self.where, self.np_dtype, tuple(logits.shape), logits.data_ptr())
         self.session.run_with_iobinding(b)
-        return logits[: len(picks)]
+        return logits[: len(picks)].float()
 
     def _binding(self, row: int, B: int):
         """The io binding with rows row..row+B-1 of the cache as every layer's past and present
@@ -307,8 +314,8 @@ class OnnxRunner:
             for i in range(self.config.num_hidden_layers):
                 for kind, cache in (("key", self.k), ("value", self.v)):
                     ptr = cache[i, row].data_ptr()
-                    b.bind_input(f"past_{kind}_{i}", *self.where, np.float32, shape, ptr)
-                    b.bind_output(f"present_{kind}_{i}", *self.where, np.float32, shape, ptr)
+                    b.bind_input(f"past_{kind}_{i}", *self.where, self.np_dtype, shape, ptr)
+                    b.bind_output(f"present_{kind}_{i}", *self.where, self.np_dtype, shape, ptr)
             self.bindings[key] = b
         return self.bindings[key]
 

@@ -25,8 +25,8 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(source):
-    """The tiny checkpoint as onnx (fp32), onnx-int4 and onnx-int8 checkpoint directories."""
-    return {to: convert(source, to) for to in ("onnx", "onnx-int4", "onnx-int8")}
+    """The tiny checkpoint as onnx (fp32), onnx-fp16, onnx-int4 and onnx-int8 checkpoint directories."""
+    return {to: convert(source, to) for to in ("onnx", "onnx-fp16", "onnx-int4", "onnx-int8")}
 
 
 def fake_quant(w: torch.Tensor, bits: int, block: int = 32) -> torch.Tensor:
@@ -56,7 +56,7 @@ def test_layout_and_config(source, exported):
     # fp32 weights (two tables when tied: the embedding and the LM head MatMul's transposed copy);
     # int4 (half a byte per weight + scales) is far smaller.
     size = {k: sum(f.stat().st_size for f in v.iterdir()) for k, v in exported.items()}
-    assert size["onnx-int4"] < size["onnx-int8"] < size["onnx"]
+    assert size["onnx-int4"] < size["onnx-int8"] < size["onnx-fp16"] < size["onnx"]
 
 
 def test_fp32_logits_match_torch(source, exported):
@@ -111,6 +111,19 @@ def test_quantized_logits(source, exported, to, bits, bound):
     assert rel(out, rounded) < bound
     if bits == 4:
         assert rel(out, rounded) < rel(out, fp32) / 5
+
+
+def test_fp16_graph(source, exported):
+    """The fp16 graph (for the CUDA execution provider) runs on CPU too: an fp16 cache, logits near fp32's."""
+    runner = load(exported["onnx-fp16"]).runner()
+    runner.allocate(2, 64)
+    assert runner.k.dtype == torch.float16
+    ids = torch.randint(3, 300, (1, 30), generator=torch.Generator().manual_seed(3))
+    out = runner.forward([Segment(1, 0, ids[0, :20].tolist())], [19])
+    out = torch.cat([out, runner.forward([Segment(1, 20, ids[0, 20:].tolist())], list(range(10)))])
+    with torch.no_grad():
+        ref = load(source).model(ids)[0, 19:]
+    assert out.dtype == torch.float32 and rel(out, ref) < 0.01
 
 
 def test_greedy_through_engine_equals_recompute(source, exported):
