@@ -147,16 +147,38 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cache_key(parts: list) -> str:
+    """A key for a measured choice: CPU, AVX flags, torch, its CPU capability, the ISA env vars, and `parts`
+    (JSON-able: threads, dtype, shapes, whatever else the choice depends on)."""
+    isa = "|".join(os.environ.get(v, "") for v in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                                                    "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"))
+    text = json.dumps([cpu_name(), cpu_flags(), torch.__version__, torch.backends.cpu.get_cpu_capability(), isa,
+                       *parts])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def machine_key(model: nn.Module, threads: int) -> str:
     """What the measured choice depends on: CPU, the kernels' ISA, torch, threads, dtype and weight shapes."""
     lin = [m for m in model.modules() if isinstance(m, (nn.Linear, DecodeLinear))]
     shapes = sorted({(m.in_features, m.out_features) for m in lin})
     dtype = lin[0].weight.dtype if lin else torch.float32
-    isa = "|".join(os.environ.get(v, "") for v in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
-                                                    "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"))
-    text = json.dumps([cpu_name(), cpu_flags(), torch.__version__, torch.backends.cpu.get_cpu_capability(), isa,
-                       threads, str(dtype), shapes])
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return cache_key([threads, str(dtype), shapes])
+
+
+def cached_measurement(key: str, measure) -> tuple[dict, str]:
+    """The entry cached under `key` in $QT_HOME/fast_gemv.json, or `measure()`'s: (entry, "cached" | "measured").
+
+    `measure()` returns a JSON-able dict with a bool "noisy" (see `noisy`); a noisy entry is used
+    this once and not cached, so the next start measures again. Other packages' measured choices
+    (quant/'s kernels) share this file and its key scheme (`cache_key`)."""
+    entry = _read_cache().get(key)
+    if entry is not None:
+        return entry, "cached"
+    entry = {"cpu": cpu_name(), "flags": " ".join(cpu_flags()), "torch": torch.__version__,
+             "threads": torch.get_num_threads(), "when": time.strftime("%Y-%m-%d %H:%M:%S"), **measure()}
+    if not entry["noisy"]:
+        _write_cache(key, entry)
+    return entry, "measured"
 
 
 def _cache_path() -> Path:
@@ -184,7 +206,7 @@ def _write_cache(key: str, entry: dict) -> None:
         pass
 
 
-def _noisy(times: dict[str, list[float]]) -> bool:
+def noisy(times: dict[str, list[float]]) -> bool:
     """Whether another process disturbed the timing: medians far above the best runs. A thread of an
     OpenMP team that loses its core stalls the whole product for a scheduler slice (ms), so on a busy
     2-core machine multi-threaded paths can look 10-100x slower than they are."""
@@ -240,21 +262,21 @@ def measure(model: nn.Module, threads: int, rounds: int = 5, batch_rows: int = 1
     gemv = [p for p in GEMV_PATHS if p != "linear" and (p != "mkldnn" or mkldnn_ok(dtype))]
     if threads < 2:
         gemv = [p for p in gemv if p not in ("split", "rows")]
-    ratios, noisy = {"linear": 1.0}, False
+    ratios, disturbed = {"linear": 1.0}, False
     plain = sites.build("linear", "linear", threads)  # views of the weights: no copy
     for p in gemv:  # one candidate's extra layouts alive at a time
         t = _time_candidates(model, sites, {"linear": plain, p: sites.build(p, "linear", threads)}, 1, rounds)
         ratios[p] = min(t[p]) / min(t["linear"])
-        noisy |= _noisy(t)
+        disturbed |= noisy(t)
     best_gemm = "linear"
     if mkldnn_ok(dtype):
         t = _time_candidates(model, sites, {"linear": plain, "mkldnn": sites.build("linear", "mkldnn", threads)},
                              batch_rows, rounds)
         ratios["gemm mkldnn"] = min(t["mkldnn"]) / min(t["linear"])
-        noisy |= _noisy(t)
+        disturbed |= noisy(t)
         best_gemm = "mkldnn" if ratios["gemm mkldnn"] < 1 else "linear"
     return {"gemv": min(["linear", *gemv], key=ratios.get), "gemm": best_gemm,
-            "ratios": {k: round(v, 3) for k, v in ratios.items()}, "noisy": noisy}
+            "ratios": {k: round(v, 3) for k, v in ratios.items()}, "noisy": disturbed}
 
 
 def choose_paths(model: nn.Module, threads: int, gemv: str | None = None, gemm: str | None = None) -> dict:
@@ -267,17 +289,8 @@ def choose_paths(model: nn.Module, threads: int, gemv: str | None = None, gemm: 
             raise ValueError(f"{var}={value!r}: expected one of {', '.join(allowed + ('auto',))}")
     chosen = {"gemv": gemv, "gemm": gemm, "source": "forced"}
     if "auto" in (gemv, gemm):
-        key = machine_key(model, threads)
-        entry = _read_cache().get(key)
-        if entry is None:
-            entry = measure(model, threads)
-            entry.update(cpu=cpu_name(), flags=" ".join(cpu_flags()), torch=torch.__version__, threads=threads,
-                         when=time.strftime("%Y-%m-%d %H:%M:%S"))
-            if not entry["noisy"]:  # a disturbed measurement is used this once, and repeated next start
-                _write_cache(key, entry)
-            chosen["source"] = "measured"
-        else:
-            chosen["source"] = "cached"
+        entry, chosen["source"] = cached_measurement(machine_key(model, threads),
+                                                     lambda: {**measure(model, threads), "threads": threads})
         chosen["gemv"] = entry["gemv"] if gemv == "auto" else gemv
         chosen["gemm"] = entry["gemm"] if gemm == "auto" else gemm
     return chosen

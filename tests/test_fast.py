@@ -135,7 +135,7 @@ def test_env_var_forces_a_path_and_bad_values_fail(monkeypatch):
 
 
 def test_auto_measures_once_and_caches_under_qt_home(tmp_path, monkeypatch):
-    monkeypatch.setattr(fast, "_noisy", lambda times: False)  # a busy test machine must not skip the cache
+    monkeypatch.setattr(fast, "noisy", lambda times: False)  # a busy test machine must not skip the cache
     first = fast.optimize_for_decode(tiny_model(), threads=2)
     assert first.decode_paths["source"] == "measured"
     assert first.decode_paths["gemv"] in fast.GEMV_PATHS and first.decode_paths["gemm"] in fast.GEMM_PATHS
@@ -150,7 +150,7 @@ def test_auto_measures_once_and_caches_under_qt_home(tmp_path, monkeypatch):
 
 
 def test_a_disturbed_measurement_is_not_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(fast, "_noisy", lambda times: True)
+    monkeypatch.setattr(fast, "noisy", lambda times: True)
     assert fast.optimize_for_decode(tiny_model(), threads=2).decode_paths["source"] == "measured"
     assert not (tmp_path / fast.CACHE_FILE).exists()
     assert fast.optimize_for_decode(tiny_model(), threads=2).decode_paths["source"] == "measured"
