@@ -47,6 +47,18 @@ def load_source(source: str | Path) -> Checkpoint:
     return ckpt
 
 
+def gguf_of(source: str | Path) -> Path | None:
+    """The llama.cpp file a source checkpoint comes from: itself, or a known model's artifact."""
+    from qt_serve import hub
+
+    path = Path(source)
+    if path.suffix == ".gguf":
+        return path
+    if not path.exists() and str(source) in hub.KNOWN and hub.KNOWN[str(source)].member.endswith(".gguf"):
+        return hub.fetch_file(str(source))
+    return None
+
+
 def cast(ckpt: Checkpoint, to: str, out: Path) -> Path:
     model = copy.deepcopy(ckpt.model).to(CASTS[to])  # a copy: the caller's model stays as it was
     model.config = copy.deepcopy(ckpt.config)
@@ -70,5 +82,5 @@ def convert(source: str | Path, to: str, out: str | Path | None = None, group_si
         return weights.write(ckpt, to, out, group_size)
     from quant import onnx
 
-    return onnx.export(ckpt, out, weights="fp32" if to == "onnx" else to[5:],
+    return onnx.export(ckpt, out, weights="fp32" if to == "onnx" else to[5:], gguf=gguf_of(source),
                        block_size=group_size)

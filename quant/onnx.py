@@ -32,6 +32,7 @@ takes fp16 only (the CPU one runs both).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ class _Graph:
 
     def __init__(self, dtype=np.float32):
         self.nodes, self.inits, self.n, self.dtype = [], [], 0, dtype
+        self.block_sums: dict[int, str] = {}
 
     def init(self, name: str, array) -> str:
         from onnx import numpy_helper
@@ -76,17 +78,84 @@ class _Graph:
         self.nodes.append(helper.make_node(op, inputs, names, name=f"{op}_{self.n}", domain=domain, **attrs))
         return names
 
-    def matmul(self, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
-        """x @ weight.T (+ bias): the (out, in) torch weight stored (in, out) as MatMul wants it."""
-        y = self.op("MatMul", [x, self.init(name, weight.detach().float().t().numpy())])[0]
+    def matmul(self, x: str, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               blocks: Blocks | None = None) -> str:
+        """x @ weight.T (+ bias): the (out, in) torch weight stored (in, out) as MatMul wants it, or as
+        quantized blocks (see `Blocks`)."""
+        if blocks is None:
+            y = self.op("MatMul", [x, self.init(name, weight.detach().float().t().numpy())])[0]
+        else:
+            y = self.matmul_blocks(x, name, blocks)
         if bias is not None:
             y = self.op("Add", [y, self.init(name + ".bias", bias.detach().float().numpy())])[0]
         return y
 
 
-def build_graph(model, dtype=np.float32):
-    """The ONNX graph (onnx.ModelProto) of a `qt_serve.model.Transformer`, floats in `dtype` (see the docstring)."""
-    from onnx import TensorProto, helper
+    def matmul_blocks(self, x: str, name: str, w: Blocks) -> str:
+        """MatMulNBits in its symmetric form, W = (q - z)·d with z = 2^(bits-1) (no zero points: the fast
+        int8-activation kernels; float zero points, which would hold a Q4_1 minimum, run ~100x slower),
+        plus, for blocks with a minimum m, the term Σ_b m'·Σ_{k∈b} x with m' = m + z·d: a (K/B)-long
+        product over the block sums of x."""
+        N, K = w.q.shape
+        B = K // w.d.shape[1]
+        codes = w.q.reshape(N, K // B, B)
+        if w.bits == 4:
+            codes = codes[..., 0::2] | (codes[..., 1::2] << 4)  # two codes a byte, even k in the low nibble
+        y = self.op("MatMulNBits", [x, self.init(name + ".qweight", codes), self.init(name + ".scales", w.d.ravel())],
+                    domain=MS, K=K, N=N, bits=w.bits, block_size=B, accuracy_level=4)[0]
+        if w.m is None:
+            return y
+        if K not in self.block_sums:  # (K, K/B) ones on each block: x @ it gives the block sums of x
+            self.block_sums[K] = self.init(f"block_sums_{K}", np.kron(np.eye(K // B), np.ones((B, 1))))
+        sums = self.op("MatMul", [x, self.block_sums[K]])[0]  # (..., K/B)
+        offsets = self.init(name + ".offsets", (w.m + 2 ** (w.bits - 1) * w.d).T)  # (K/B, N)
+        return self.op("Add", [y, self.op("MatMul", [sums, offsets])[0]])[0]
+
+
+@dataclass
+class Blocks:
+    """One weight (N, K) in blocks of B along K, as llama.cpp stores them: W[n, k] = q·d + m (Q4_1: q in
+    0..15, (d, m) per (n, block)), or W = (q - 2^(bits-1))·d when m is None (Q4_0, Q8_0 with q + 128).
+    """
+
+    q: np.ndarray  # (N, K) uint8
+    d: np.ndarray  # (N, K/B) fp32
+    m: np.ndarray | None  # (N, K/B) fp32
+    bits: int = 4
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, block: int) -> Blocks:
+        """4-bit, each block's [min, max] in 16 levels (a float minimum: no level is spent on reaching zero)."""
+        N, K = w.shape
+        g = w.detach().float().reshape(N, K // block, block)
+        lo, hi = g.amin(-1), g.amax(-1)
+        d = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi))
+        q = torch.round((g - lo[..., None]) / d[..., None]).clamp(0, 15).to(torch.uint8).reshape(N, K)
+        return cls(q.numpy(), d.numpy(), lo.numpy())
+
+    def dequantize(self) -> torch.Tensor:
+        N, K = self.q.shape
+        g = self.q.reshape(N, self.d.shape[1], -1).astype(np.float32)
+        m = self.m[..., None] if self.m is not None else -(2 ** (self.bits - 1)) * self.d[..., None]
+        return torch.from_numpy((g * self.d[..., None] + m).reshape(N, K))
+
+    @classmethod
+    def concat(cls, parts: list[Blocks]) -> Blocks:
+        """Stacked along N (a fused q|k|v or gate|up product); mixed formats are made one."""
+        if len({(p.bits, p.d.shape[1]) for p in parts}) > 1:  # e.g. Q4_1 beside Q8_0: requantized, rare
+            return cls.quantize(torch.cat([p.dequantize() for p in parts]), parts[0].q.shape[1] // parts[0].d.shape[1])
+        if any(p.m is not None for p in parts):  # a symmetric part as Q4_1: m = -z·d exactly
+            parts = [p if p.m is not None else replace(p, m=-(2 ** (p.bits - 1)) * p.d) for p in parts]
+        m = None if parts[0].m is None else np.concatenate([p.m for p in parts])
+        return cls(np.concatenate([p.q for p in parts]), np.concatenate([p.d for p in parts]), m, parts[0].bits)
+
+
+def build_graph(model, dtype=np.float32, int4=None):
+    """The ONNX graph (onnx.ModelProto) of a `qt_serve.model.Transformer`, floats in `dtype` (see the docstring).
+
+    `int4(module name, weight) -> Blocks`, when given, makes every linear layer (the LM head included) a
+    block-quantized product, and the embedding an fp16 table."""
+    from onnx import TensorProto, helper, numpy_helper
 
     cfg: ModelConfig = model.config
     sd = {k: v.detach().float() for k, v in model.state_dict().items()}
@@ -97,7 +166,13 @@ def build_graph(model, dtype=np.float32):
     g.init("cos_cache", cos[:, : hd // 2].numpy())  # (max_pos, head_dim/2): GQA rotates pairs (i, i + hd/2)
     g.init("sin_cache", sin[:, : hd // 2].numpy())
 
-    x = g.op("Gather", [g.init("embed_tokens", sd["model.embed_tokens.weight"].numpy()), "input_ids"])[0]
+    quant = int4 or (lambda name, w: None)
+    if int4 is None:
+        x = g.op("Gather", [g.init("embed_tokens", sd["model.embed_tokens.weight"].numpy()), "input_ids"])[0]
+    else:  # int4 weights: the table in fp16 (a lookup reads one row; half of fp32's file size)
+        table = numpy_helper.from_array(sd["model.embed_tokens.weight"].numpy().astype(np.float16), "embed_tokens")
+        g.inits.append(table)
+        x = g.op("Cast", [g.op("Gather", ["embed_tokens", "input_ids"])[0]], to=TensorProto.FLOAT)[0]
     residual, pending = x, None  # pending: the last block output not yet added to the residual
     presents = []
     for i in range(cfg.num_hidden_layers):
@@ -117,27 +192,33 @@ def build_graph(model, dtype=np.float32):
         qkv_w = torch.cat([sd[att + n + ".weight"] for n in ("q_proj", "k_proj", "v_proj")])
         qkv_b = torch.cat([sd[att + n + ".bias"] for n in ("q_proj", "k_proj", "v_proj")]) if cfg.attention_bias \
             else None
-        qkv = g.matmul(h, att + "qkv_proj", qkv_w, qkv_b)  # (B, S, (H + 2·KV)·D): GQA's packed layout
+        qkv4 = int4 and Blocks.concat([quant(att + n, sd[att + n + ".weight"]) for n in ("q_proj", "k_proj", "v_proj")])
+        qkv = g.matmul(h, att + "qkv_proj", qkv_w, qkv_b, qkv4)  # (B, S, (H + 2·KV)·D): GQA's packed layout
         y, pk, pv = g.op("GroupQueryAttention",
                          [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
                           "cos_cache", "sin_cache"], outputs=3, domain=MS,
                          num_heads=cfg.num_attention_heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0)
         presents += [pk, pv]
-        pending = g.matmul(y, att + "o_proj", sd[att + "o_proj.weight"], sd.get(att + "o_proj.bias"))
+        pending = g.matmul(y, att + "o_proj", sd[att + "o_proj.weight"], sd.get(att + "o_proj.bias"),
+                           quant(att + "o_proj", sd[att + "o_proj.weight"]))
 
         h = norm("post_attention_layernorm")
         mlp = p + "mlp."
         gu_w = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
         gu_b = torch.cat([sd[mlp + "gate_proj.bias"], sd[mlp + "up_proj.bias"]]) if cfg.mlp_bias else None
-        gate, up = g.op("Split", [g.matmul(h, mlp + "gate_up_proj", gu_w, gu_b)], outputs=2, axis=-1, num_outputs=2)
+        gu4 = int4 and Blocks.concat([quant(mlp + n, sd[mlp + n + ".weight"]) for n in ("gate_proj", "up_proj")])
+        gate, up = g.op("Split", [g.matmul(h, mlp + "gate_up_proj", gu_w, gu_b, gu4)], outputs=2, axis=-1,
+                        num_outputs=2)
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0], up])[0]  # SiLU(gate) · up
-        pending = g.matmul(act, mlp + "down_proj", sd[mlp + "down_proj.weight"], sd.get(mlp + "down_proj.bias"))
+        pending = g.matmul(act, mlp + "down_proj", sd[mlp + "down_proj.weight"], sd.get(mlp + "down_proj.bias"),
+                           quant(mlp + "down_proj", sd[mlp + "down_proj.weight"]))
 
     w = g.init("model.norm", sd["model.norm.weight"].numpy())
     h = g.op("SkipSimplifiedLayerNormalization", [pending, residual, w], outputs=4, domain=MS, epsilon=eps)[0]
     rows = g.op("Reshape", [h, g.init("hidden_rows", np.array([-1, cfg.hidden_size], dtype=np.int64))])[0]
     picked = g.op("Gather", [rows, "logit_index"], axis=0)[0]  # (K, hidden)
-    logits = g.matmul(picked, "lm_head", sd["lm_head.weight"], sd.get("lm_head.bias"))
+    logits = g.matmul(picked, "lm_head", sd["lm_head.weight"], sd.get("lm_head.bias"),
+                      quant("lm_head", sd["lm_head.weight"]))
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
     for i, name in enumerate(presents):
         g.nodes.append(helper.make_node("Identity", [name], [f"present_{'key' if i % 2 == 0 else 'value'}_{i // 2}"]))
@@ -157,16 +238,49 @@ def build_graph(model, dtype=np.float32):
                              producer_name="qt", ir_version=10)
 
 
+def gguf_blocks(path: str | Path, cfg: ModelConfig) -> dict[str, Blocks]:
+    """The Q4_0 / Q4_1 / Q8_0 weights of a llama.cpp GGUF file as they are stored, by HF module name (the
+    LM head is the embedding when tied), so they are served without a second rounding."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import GGUFReader
+
+    from qt_serve.gguf_import import TENSOR_NAMES, unpermute
+
+    names = {g.format(i): h.format(i).removesuffix(".weight") for g, h in TENSOR_NAMES.items()
+             for i in (range(cfg.num_hidden_layers) if "{}" in g else [None])}
+    out = {}
+    for t in GGUFReader(str(path)).tensors:
+        if t.name not in names or t.tensor_type not in (T.Q4_0, T.Q4_1, T.Q8_0):
+            continue
+        N, K = int(t.shape[1]), int(t.shape[0])
+        raw = np.asarray(t.data).reshape(N, K // 32, -1)  # one row of 32-weight blocks per output
+        d = raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
+        if t.tensor_type == T.Q8_0:  # d (fp16), 32 int8
+            b = Blocks((raw[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8).reshape(N, K), d, None, 8)
+        else:  # Q4_0: d, 16 bytes; Q4_1: d, m (fp16), 16 bytes; byte j holds weight j (low) and j + 16 (high)
+            m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if t.tensor_type == T.Q4_1 else None
+            qs = raw[..., -16:]
+            b = Blocks(np.concatenate([qs & 15, qs >> 4], -1).reshape(N, K), d, m, 4)
+        name = names[t.name]
+        if name.endswith(("q_proj", "k_proj")):  # llama.cpp's row order for RoPE: back to HF's
+            heads = cfg.num_attention_heads if name.endswith("q_proj") else cfg.num_key_value_heads
+            b = Blocks(unpermute(b.q, heads), unpermute(b.d, heads), None if b.m is None else unpermute(b.m, heads),
+                       b.bits)
+        out[name] = b
+    if cfg.tie_word_embeddings and "model.embed_tokens" in out:
+        out["lm_head"] = out["model.embed_tokens"]
+    return out
+
+
 def quantize_graph(proto, bits: int, block_size: int, accuracy_level: int = 4):
-    """MatMul -> MatMulNBits and the embedding Gather -> GatherBlockQuantized, by onnxruntime's quantizer."""
+    """MatMul -> MatMulNBits by onnxruntime's quantizer (int8: integer zero points per block cost ~0.7%
+    perplexity on SmolLM2-135M, within the 8-bit grid's own error)."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    ops = ("MatMul", "Gather") if bits == 4 else ("MatMul",)  # GatherBlockQuantized is 4-bit only
     config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, accuracy_level=accuracy_level,
-                                          bits=bits, op_types_to_quantize=ops,
-                                          quant_axes=(("MatMul", 0), ("Gather", 1)))
+                                          bits=bits, op_types_to_quantize=("MatMul",), quant_axes=(("MatMul", 0),))
     quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False,
                                      accuracy_level=accuracy_level, algo_config=config)
     level = logging.getLogger().level
@@ -178,8 +292,14 @@ def quantize_graph(proto, bits: int, block_size: int, accuracy_level: int = 4):
     return quantizer.model.model
 
 
-def export(ckpt: Checkpoint, out: str | Path, weights: str = "fp32", block_size: int | None = None) -> Path:
-    """Write checkpoint directory `out`: config.json (scheme "onnx"), model.onnx + model.onnx.data, tokenizer."""
+def export(ckpt: Checkpoint, out: str | Path, weights: str = "fp32", block_size: int | None = None,
+           gguf: str | Path | None = None) -> Path:
+    """Write checkpoint directory `out`: config.json (scheme "onnx"), model.onnx + model.onnx.data, tokenizer.
+
+    int4 takes the blocks of `gguf` (the llama.cpp file the checkpoint was imported from) as they are
+    stored, where they are Q4_0 / Q4_1 / Q8_0: quantizing its dequantized weights again would round twice
+    (SmolLM2-135M's Q4_1 file: perplexity +62% re-quantized by MatMulNBitsQuantizer's integer zero points,
+    +5% by a float minimum, 0 from its own blocks)."""
     import onnx
 
     if weights not in WEIGHTS:
@@ -191,12 +311,18 @@ def export(ckpt: Checkpoint, out: str | Path, weights: str = "fp32", block_size:
     bits, block = WEIGHTS[weights], block_size or 32
     if bits is not None and (block < 16 or block & (block - 1)):
         raise QtError(f"block size {block}: MatMulNBits takes a power of two ≥ 16")
-    proto = build_graph(ckpt.model, np.float16 if weights == "fp16" else np.float32)
-    if bits is not None:
-        proto = quantize_graph(proto, bits, block)
+    info = {}
+    if bits == 4:
+        stored = gguf_blocks(gguf, cfg) if gguf is not None and block == 32 else {}
+        info = {"from_gguf": sorted({f"Q{b.bits}" + ("_1" if b.m is not None else "_0") for b in stored.values()})}
+        proto = build_graph(ckpt.model, int4=lambda name, w: stored.get(name) or Blocks.quantize(w, block))
+    else:
+        proto = build_graph(ckpt.model, np.float16 if weights == "fp16" else np.float32)
+        if bits is not None:
+            proto = quantize_graph(proto, bits, block)
     cfg.torch_dtype = "float16" if weights == "fp16" else "float32"
     cfg.quantization = {"scheme": "onnx", "weights": weights, "file": FILE, "opset": OPSET,
-                        **({"block_size": block, "accuracy_level": 4} if bits else {})}
+                        **({"block_size": block, "accuracy_level": 4} if bits else {}), **info}
 
     def write(tmp: Path) -> None:
         onnx.save_model(proto, str(tmp / FILE), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -239,6 +365,10 @@ class OnnxRunner:
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Its threads spin between the ops of a run (fast hand-offs) but not after it: the engine's torch
+        # sampling and the next request's work would otherwise share 2 cores with a spinning thread
+        # (SmolLM2 onnx-int4 decode, 2 threads: 95 tok/s spinning on, 150 with this).
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise QtError("device cuda asked for, but this onnxruntime has no CUDA execution provider; "

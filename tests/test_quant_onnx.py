@@ -30,15 +30,19 @@ def exported(source):
 
 
 def fake_quant(w: torch.Tensor, bits: int, block: int = 32) -> torch.Tensor:
-    """Asymmetric block quantization along the input dimension, rounded back to float: what MatMulNBits
-    stores (scale = range / (2^bits - 1), an integer zero point), written out independently."""
+    """Block quantization along the input dimension, rounded back to float, written out independently:
+    int4 as llama.cpp's Q4_1 (16 levels over each block's [min, max]); int8 as onnxruntime's quantizer
+    (256 levels over [min(lo, 0), max(hi, 0)] with an integer zero point)."""
     n, k = w.shape
     g = w.reshape(n, k // block, block)
-    hi, lo = g.amax(-1, keepdim=True).clamp(min=0), g.amin(-1, keepdim=True).clamp(max=0)
-    top = 2 ** bits - 1
-    scale = torch.where(hi > lo, (hi - lo) / top, torch.ones_like(hi))
-    zero = torch.round(-lo / scale).clamp(0, top)
-    return ((torch.clamp(torch.round(g / scale) + zero, 0, top) - zero) * scale).reshape(n, k)
+    hi, lo = g.amax(-1, keepdim=True), g.amin(-1, keepdim=True)
+    if bits == 4:
+        step = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi))
+        return (torch.round((g - lo) / step) * step + lo).reshape(n, k)
+    hi, lo = hi.clamp(min=0), lo.clamp(max=0)
+    scale = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
+    zero = torch.round(-lo / scale).clamp(0, 255)
+    return ((torch.clamp(torch.round(g / scale) + zero, 0, 255) - zero) * scale).reshape(n, k)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,8 +55,9 @@ def test_layout_and_config(source, exported):
                                              "generation_config.json"}
     q = json.loads((d / "config.json").read_text())["qt"]["quantization"]
     assert q["scheme"] == "onnx" and q["weights"] == "int4" and q["block_size"] == 32
-    ops = {n.op_type for n in onnx.load(str(d / "model.onnx"), load_external_data=False).graph.node}
-    assert {"MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention"} <= ops and "MatMul" not in ops
+    nodes = onnx.load(str(d / "model.onnx"), load_external_data=False).graph.node
+    assert sum(n.op_type == "MatMulNBits" for n in nodes) == 4 * 2 + 1  # q|k|v, o, gate|up, down per layer; head
+    assert all(n.input[1].endswith(".offsets") for n in nodes if n.op_type == "MatMul")  # only the min terms
     # fp32 weights (two tables when tied: the embedding and the LM head MatMul's transposed copy);
     # int4 (half a byte per weight + scales) is far smaller.
     size = {k: sum(f.stat().st_size for f in v.iterdir()) for k, v in exported.items()}
@@ -102,8 +107,8 @@ def test_quantized_logits(source, exported, to, bits, bound):
     with torch.no_grad():
         fp32 = model(ids)[0]
         for mod in model.modules():
-            if isinstance(mod, torch.nn.Linear):  # the LM head is tied: the embedding is rounded with it
-                mod.weight.copy_(fake_quant(mod.weight, bits))
+            if isinstance(mod, torch.nn.Linear):  # a new tensor: the tied embedding table stays as it was
+                mod.weight = torch.nn.Parameter(fake_quant(mod.weight, bits))
         rounded = model(ids)[0]
     runner = load(exported[to]).runner()
     runner.allocate(1, 64)
@@ -124,6 +129,37 @@ def test_fp16_graph(source, exported):
     with torch.no_grad():
         ref = load(source).model(ids)[0, 19:]
     assert out.dtype == torch.float32 and rel(out, ref) < 0.01
+
+
+def test_int4_keeps_a_gguf_files_own_blocks(tmp_path):
+    """A GGUF with Q4_1, Q4_0 and Q8_0 weights: onnx-int4 serves those blocks as stored (the only difference
+    from the dequantized model is onnxruntime's int8 activations), where quantizing the dequantized weights
+    again rounds them twice."""
+    from gguf import GGMLQuantizationType as T
+
+    from quant.gguf_export import export as gguf_export
+
+    tok = build_tokenizer()
+    model = tiny_model(vocab_size=tok.vocab_size)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.3)  # trained-model-like logits, so the comparison is about the weights
+    src = save_checkpoint(tmp_path / "src", model, tok)
+    types = {n: T.Q4_0 if "down_proj" in n else T.Q4_1 for n in model.state_dict() if "proj" in n}
+    types["model.embed_tokens.weight"] = T.Q8_0
+    path = gguf_export(src, tmp_path / "m.gguf", types)
+    ids = torch.randint(3, 300, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = load(path).model(ids)[0]  # the file's weights, dequantized by the gguf package
+    kept = convert(path, "onnx-int4", tmp_path / "kept")
+    assert load(kept).config.quantization["from_gguf"] == ["Q4_0", "Q4_1", "Q8_0"]
+    again = convert(save_checkpoint(tmp_path / "deq", load(path).model, tok), "onnx-int4", tmp_path / "again")
+    err = {}
+    for name, d in (("kept", kept), ("again", again)):
+        runner = load(d).runner()
+        runner.allocate(1, 64)
+        err[name] = rel(runner.forward([Segment(0, 0, ids[0].tolist())], list(range(40))), ref)
+    assert err["kept"] < 0.02 and err["kept"] < err["again"] / 3, err
 
 
 def test_greedy_through_engine_equals_recompute(source, exported):
