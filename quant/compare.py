@@ -468,7 +468,7 @@ def checks(rows: list[dict]) -> list[dict]:
                         "passed": a["decode_tok_s"] >= b["decode_tok_s"]})
             out.append({"check": f"{a['name']} TTFT <= {b['name']}",
                         "value": f"{a['ttft_s'] * 1e3:.0f} vs {b['ttft_s'] * 1e3:.0f} ms", "passed": a["ttft_s"] <= b["ttft_s"]})
-    for scheme, tol in (("int8", 0.01), ("int4", 0.03)):
+    for scheme, tol in (("int8", 0.01), ("onnx-int8", 0.01), ("int4", 0.03), ("onnx-int4", 0.03)):
         if "ppl_vs_fp32" in by.get(scheme, {}):
             v = by[scheme]["ppl_vs_fp32"]
             out.append({"check": f"{scheme} perplexity within {tol:.0%} of fp32", "value": f"{v:+.2%}",

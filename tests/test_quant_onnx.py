@@ -56,8 +56,11 @@ def test_layout_and_config(source, exported):
     q = json.loads((d / "config.json").read_text())["qt"]["quantization"]
     assert q["scheme"] == "onnx" and q["weights"] == "int4" and q["block_size"] == 32
     nodes = onnx.load(str(d / "model.onnx"), load_external_data=False).graph.node
-    assert sum(n.op_type == "MatMulNBits" for n in nodes) == 4 * 2 + 1  # q|k|v, o, gate|up, down per layer; head
-    assert all(n.input[1].endswith(".offsets") for n in nodes if n.op_type == "MatMul")  # only the min terms
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * 2 + 1  # q|k|v, o, gate|up, down per layer; the LM head at 8 bits (Q8_0 form)
+    assert [a.i for n in nbits for a in n.attribute if a.name == "bits"] == [4] * 8 + [8]
+    small = {n.input[1].split(".")[-1].split("_")[0] for n in nodes if n.op_type == "MatMul"}
+    assert small == {"offsets", "block"}  # only the int4 minimum's terms: x's block sums, then @ offsets
     # fp32 weights (two tables when tied: the embedding and the LM head MatMul's transposed copy);
     # int4 (half a byte per weight + scales) is far smaller.
     size = {k: sum(f.stat().st_size for f in v.iterdir()) for k, v in exported.items()}
@@ -159,7 +162,8 @@ def test_int4_keeps_a_gguf_files_own_blocks(tmp_path):
         runner = load(d).runner()
         runner.allocate(1, 64)
         err[name] = rel(runner.forward([Segment(0, 0, ids[0].tolist())], list(range(40))), ref)
-    assert err["kept"] < 0.02 and err["kept"] < err["again"] / 3, err
+    # Re-quantizing reproduces a block only when it spans all 16 levels (Q4_1 blocks do, Q4_0's need not)
+    assert err["kept"] < 0.02 and err["kept"] < err["again"] / 2, err
 
 
 def test_greedy_through_engine_equals_recompute(source, exported):
