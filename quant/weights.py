@@ -267,7 +267,7 @@ def use_kernel(model: Transformer, device: torch.device | str = "cpu", kernel: s
         chosen = {"kernel": cands[0], "source": "only"}
         if len(cands) > 1:
             shapes = sorted({(m.in_features, m.out_features) for m in layers})
-            key = fast.cache_key(["quant", scheme, layers[0].group, torch.get_num_threads(), shapes])
+            key = fast.cache_key(["quant", scheme, layers[0].group, torch.get_num_threads(), shapes, cands])
             entry, source = fast.cached_measurement(key, lambda: measure(model, layers, cands))
             chosen = {"kernel": entry["kernel"], "source": source, "ratios": entry["ratios"]}
     if any(m.kernel != chosen["kernel"] for m in layers):  # a measurement leaves the winner installed
