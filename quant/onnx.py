@@ -1,7 +1,7 @@
 """ONNX export of a checkpoint, and the onnxruntime runner that serves it.
 
 The graph is written node by node with `onnx.helper` from the checkpoint's weights (no tracing),
-with onnxruntime's fused decoder ops so a decode step is ~10 kernel launches per layer:
+with onnxruntime's fused decoder ops so a decode step is ~10 kernel launches per layer (int4: ~22):
 
     input_ids (B, S) ─ Gather(embed_tokens) ─> x
     N × [ RMSNorm ─ MatMul q|k|v ─ GroupQueryAttention (RoPE, KV cache) ─ MatMul o
@@ -21,10 +21,12 @@ Outputs:
                            inputs' memory, so GroupQueryAttention writes the new keys and values in
                            place at each row's own length (continuous batching: rows differ in length)
 
-`onnx-int4` / `onnx-int8` replace each MatMul (the LM head included) and the embedding Gather by
-onnxruntime's block-quantized `MatMulNBits` / `GatherBlockQuantized` (onnxruntime's own
-MatMulNBitsQuantizer; blocks of 32 along the input dimension, asymmetric, accuracy_level 4 = int8
-activations in the dot products, which is what makes it fast on CPUs with VNNI).
+`onnx-int8` makes each MatMul (the LM head included) onnxruntime's 8-bit `MatMulNBits` (its own
+MatMulNBitsQuantizer: blocks of 32 along the input dimension, integer zero points). `onnx-int4` writes
+4-bit `MatMulNBits` in llama.cpp's Q4_1 form (`Blocks`, `_Graph.matmul_blocks`: a float minimum per
+block, added as a block-sum term), the LM head 8-bit, the embedding an fp16 table; a GGUF's own Q4_0 /
+Q4_1 / Q8_0 blocks are taken as stored (`gguf_blocks`). accuracy_level 4 = int8 activations in the dot
+products, which is what makes MatMulNBits fast on CPUs with VNNI.
 Floats are fp32, or fp16 in `onnx-fp16`: for the CUDA execution provider, whose GroupQueryAttention
 takes fp16 only (the CPU one runs both).
 """
