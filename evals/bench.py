@@ -200,21 +200,23 @@ def ttft_stats(ttfts: list[float | None]) -> dict:
     return {"ttft_p50_s": float(p50), "ttft_p99_s": float(p99)}
 
 
-async def stream_one(client, model: str, prompt: list[int], new_tokens: int) -> float | None:
-    """One streaming /v1/completions request; returns its TTFT, the seconds to the first token's chunk.
+async def stream_one(client, model: str, prompt: list[int], new_tokens: int) -> tuple[float | None, float | None]:
+    """One streaming /v1/completions request: (TTFT, the seconds to the first token's chunk; seconds from
+    the first token's chunk to the last's).
 
     `logprobs=0` makes every token a chunk, text or not (a random model without a tokenizer has none)."""
     start = time.perf_counter()
-    ttft, usage = None, None
+    ttft, last, usage = None, None, None
     stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
                                              stream=True, stream_options={"include_usage": True}, logprobs=0,
                                              extra_body={"ignore_eos": True})
     async for chunk in stream:
-        if ttft is None and chunk.choices and chunk.choices[0].logprobs:
-            ttft = time.perf_counter() - start
+        if chunk.choices and chunk.choices[0].logprobs:
+            last = time.perf_counter() - start
+            ttft = last if ttft is None else ttft
         usage = chunk.usage or usage
     assert usage.completion_tokens == new_tokens, usage
-    return ttft
+    return ttft, None if ttft is None else last - ttft
 
 
 async def load_level(url: str, model: str, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict:
@@ -227,7 +229,7 @@ async def load_level(url: str, model: str, prompts: list[list[int]], new_tokens:
 
         async def user():
             for prompt in todo:
-                ttfts.append(await stream_one(client, model, prompt, new_tokens))
+                ttfts.append((await stream_one(client, model, prompt, new_tokens))[0])
 
         start = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(concurrency)))
@@ -264,7 +266,7 @@ async def burst(url: str, model: str, prompts: list[list[int]], new_tokens: int)
 
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
         start = time.perf_counter()
-        ttfts = await asyncio.gather(*(stream_one(client, model, p, new_tokens) for p in prompts))
+        ttfts = [r[0] for r in await asyncio.gather(*(stream_one(client, model, p, new_tokens) for p in prompts))]
         wall = time.perf_counter() - start
     r = {"arrivals": len(prompts), "wall_s": wall, "tok_s": len(prompts) * new_tokens / wall, **ttft_stats(ttfts)}
     r["ttft_p99_over_p50"] = r["ttft_p99_s"] / r["ttft_p50_s"]

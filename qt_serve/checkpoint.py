@@ -214,7 +214,7 @@ def checkpoint_format(scheme: str, directory: Path | str = "the checkpoint") -> 
 
     found = {ep.name: ep for ep in entry_points(group=FORMATS_GROUP)}
     if scheme not in found:
-        known = ", ".join(sorted(found) + list(CAST_SCHEMES)) or "none installed"
+        known = ", ".join(sorted(found) + list(CAST_SCHEMES))
         raise QtError(f"{directory} is quantized with scheme {scheme!r}, which no installed package loads "
                       f"(known: {known}); install qt with its quant/ package (pip install -e .)")
     return found[scheme].load()

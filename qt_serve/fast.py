@@ -34,6 +34,7 @@ apply them after loading the weights and do not train the swapped model.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -127,16 +128,18 @@ class DecodeLinear(nn.Module):
 # ---- choosing the paths --------------------------------------------------------------------
 
 
-def cpu_flags() -> list[str]:
+@functools.cache  # asked per layer when quantized kernels are built: read /proc/cpuinfo once
+def cpu_flags() -> tuple[str, ...]:
     """The CPU's AVX flags (what `grep -o 'avx[^ ]*' /proc/cpuinfo | sort -u` prints)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return []
-    return sorted({w for line in text.splitlines() if line.startswith("flags") for w in line.split() if
-                   w.startswith("avx")})
+        return ()
+    return tuple(sorted({w for line in text.splitlines() if line.startswith("flags") for w in line.split() if
+                         w.startswith("avx")}))
 
 
+@functools.cache
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -13,13 +13,14 @@ from quant.convert import SCHEMES
 
 
 def convert_main(argv) -> int:
+    from qt_serve.cli import positive
     from quant.convert import convert
 
     ap = argparse.ArgumentParser(prog="qt-quant", description="Quantize a checkpoint into a new checkpoint directory "
                                  "(`qt-quant compare --help`: compare precisions).")
     ap.add_argument("checkpoint", help="checkpoint dir, HF Llama dir, .gguf file or known model name")
     ap.add_argument("--to", required=True, choices=SCHEMES, help="target scheme")
-    ap.add_argument("--group-size", type=int, default=None,
+    ap.add_argument("--group-size", type=positive, default=None,
                     help="int4: weights per scale (default 32; must divide each layer's input width)")
     ap.add_argument("--out", default=None, help="output directory (default: CHECKPOINT-SCHEME beside the source)")
     args = ap.parse_args(argv)

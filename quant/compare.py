@@ -130,22 +130,20 @@ def run_probe(directory: Path, req: dict, tmp: Path) -> dict:
 
 
 def stream_timed(url: str, prompt: list[int], n: int) -> tuple[float, float]:
-    """One streaming /v1/completions request of n greedy tokens: (TTFT s, decode tok/s after the first token).
-    `logprobs: 0` makes every token a chunk, text or not."""
-    import httpx
+    """One streaming request of n greedy tokens (`evals.bench.stream_one`): (TTFT s, decode tok/s after the
+    first token)."""
+    import asyncio
 
-    body = {"model": "m", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True,
-            "logprobs": 0}
-    stamps = []
-    start = time.perf_counter()
-    with httpx.Client(timeout=600) as client, client.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]" and json.loads(line[6:]).get("choices"):
-                stamps.append(time.perf_counter())
-    if len(stamps) != n:
-        raise RuntimeError(f"the server streamed {len(stamps)} token chunks, not {n}")
-    return stamps[0] - start, (n - 1) / (stamps[-1] - stamps[0])
+    import openai
+
+    from evals.bench import stream_one
+
+    async def one():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
+            return await stream_one(client, "m", prompt, n)
+
+    ttft, span = asyncio.run(one())
+    return ttft, (n - 1) / span
 
 
 def serve_speed(directory: Path, prompts: list[list[int]], work: Workload, log) -> dict:
@@ -347,6 +345,7 @@ def fp32_checkpoint(source: str, out: Path) -> Path:
     from qt_serve.errors import QtError
     from qt_serve.model import Transformer
     from qt_serve.tokenizer import Tokenizer
+    from quant.convert import load_source
 
     if source in CONFIGS:
         tokenizer = Tokenizer.load(hub.pull(hub.DEFAULT_MODEL))
@@ -356,7 +355,8 @@ def fp32_checkpoint(source: str, out: Path) -> Path:
         cfg = replace(CONFIGS[source], bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
         torch.manual_seed(0)
         return checkpoint.save_checkpoint(out, Transformer(cfg).eval(), tokenizer)
-    ckpt = checkpoint.load(source, dtype="float32")
+    ckpt = load_source(source, dtype="float32")  # refuses a quantized source, which has no fp32 to compare with
+    ckpt.model.config.quantization = None  # an fp16/bf16 source's record: this copy is fp32
     return checkpoint.save_checkpoint(out, ckpt.model, ckpt.tokenizer, ckpt.generation_config)
 
 
@@ -542,6 +542,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--llama-helper"]:
         return helper_main(argv[1:])
+    from qt_serve.cli import positive
     from quant.convert import SCHEMES
 
     ap = argparse.ArgumentParser(prog="qt-quant compare", description=__doc__,
@@ -550,7 +551,7 @@ def main(argv=None) -> int:
                                        "config of evals.bench (45M, 125M)")
     ap.add_argument("--schemes", default=",".join(["fp32", *SCHEMES]),
                     help="comma-separated precisions (default: all): fp32," + ",".join(SCHEMES))
-    ap.add_argument("--group-size", type=int, default=None, help="int4 / onnx-int4: weights per scale")
+    ap.add_argument("--group-size", type=positive, default=None, help="int4 / onnx-int4: weights per scale")
     ap.add_argument("--peers", action="store_true", help="add llama.cpp rows (llama-cpp-python: the peers extra)")
     ap.add_argument("--llama-python", default=None,
                     help="python with llama_cpp (default: $QT_LLAMA_PYTHON, else this one if llama_cpp imports)")

@@ -34,9 +34,9 @@ def default_out(source: str | Path, to: str) -> Path:
     return path.with_name(f"{path.stem if path.suffix == '.gguf' else path.name}-{to}")
 
 
-def load_source(source: str | Path) -> Checkpoint:
+def load_source(source: str | Path, dtype: str | None = None) -> Checkpoint:
     """The checkpoint to quantize: refused if already quantized (quantizing twice compounds the error)."""
-    ckpt = checkpoint.load(source)
+    ckpt = checkpoint.load(source, dtype=dtype)
     scheme = (ckpt.config.quantization or {}).get("scheme")
     if scheme is not None and scheme not in CAST_SCHEMES:
         raise QtError(f"{source} is already quantized ({scheme}); quantize its fp32 or bf16 source instead, "

@@ -18,9 +18,9 @@ Kernels: each is a callable `(x (M, K) fp32) -> (M, N) fp32` built once per laye
     int4 checkpoints
       int4pack   torch._weight_int4pack_mm_for_cpu: int4 in memory, weight-only, any CPU.
     both
-      dequant    the weights dequantized to fp32 at load, fp32 products (one row as `threads` row-slice
-                 matrix-vector products, as qt_serve.fast's `rows` path): fp32 memory and speed, the
-                 quantized weights' numerics exactly. The fallback where the packed kernels are slow.
+      dequant    the weights dequantized to fp32 at load, fp32 products through qt_serve.fast's
+                 DecodeLinear (rows / oneDNN): fp32 memory and speed, the quantized weights' numerics
+                 exactly. The fallback where the packed kernels are slow.
       fbgemm     the int4 weights expanded at load to int8 per output channel and run as int8's fbgemm:
                  the FILE is int4, but memory and speed are int8's, and the weights are rounded once more
                  (to the int8 grid, ≤ scale8/2 per weight on top of int4's error).
@@ -206,18 +206,18 @@ class Int4Pack:
 
 
 class Dequant:
+    """fp32 weights in qt_serve.fast's decode layer: one row by row slices, several rows by oneDNN (when
+    there), the paths fp32 itself measures fastest on the CPUs of LOG.md."""
+
     def __init__(self, w: torch.Tensor, bias: torch.Tensor | None):
-        self.w, self.bias = w.contiguous(), bias
-        self.parts = torch.get_num_threads()
-        if self.parts < 2 or w.shape[0] % self.parts:
-            self.parts = 1
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+        lin.weight = torch.nn.Parameter(w.contiguous(), requires_grad=False)
+        if bias is not None:
+            lin.bias = torch.nn.Parameter(bias, requires_grad=False)
+        self.lin = fast.DecodeLinear(lin, "rows", "mkldnn", torch.get_num_threads())  # falls back where it can't
 
     def __call__(self, x):
-        if x.shape[0] == 1 and self.parts > 1:  # F.linear runs one row on one thread: P slices, one each
-            N, K = self.w.shape
-            y = torch.bmm(self.w.view(self.parts, N // self.parts, K), x.t().expand(self.parts, K, 1)).view(1, N)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.w, self.bias)
+        return self.lin(x)
 
 
 class Bnb:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qt_serve.checkpoint import Checkpoint, write_checkpoint
+from qt_serve.checkpoint import DTYPES, Checkpoint, write_checkpoint
 from qt_serve.config import ModelConfig
 from qt_serve.errors import QtError
 from qt_serve.model import rope_tables
@@ -91,7 +91,6 @@ class _Graph:
         if bias is not None:
             y = self.op("Add", [y, self.init(name + ".bias", bias.detach().float().numpy())])[0]
         return y
-
 
     def matmul_blocks(self, x: str, name: str, w: Blocks) -> str:
         """MatMulNBits in its symmetric form, W = (q - z)·d with z = 2^(bits-1) (no zero points: the fast
@@ -312,10 +311,10 @@ def export(ckpt: Checkpoint, out: str | Path, weights: str = "fp32", block_size:
     """Write checkpoint directory `out`: config.json (scheme "onnx"), model.onnx + model.onnx.data, tokenizer.
 
     int4 keeps the LM head at 8 bits (Q8_0's form), as llama.cpp's quantizer does: at 4 bits it alone costs
-    SmolLM2-135M +6.4% perplexity (22.20 vs 20.87), for ~12% more decode speed. It takes the blocks of `gguf` (the llama.cpp file the checkpoint was imported from) as they are
-    stored, where they are Q4_0 / Q4_1 / Q8_0: quantizing its dequantized weights again would round twice
-    (SmolLM2-135M's Q4_1 file: perplexity +62% re-quantized by MatMulNBitsQuantizer's integer zero points,
-    +5% by a float minimum, 0 from its own blocks)."""
+    SmolLM2-135M +6.4% perplexity (22.20 vs 20.87), for ~12% more decode speed. It takes the blocks of
+    `gguf` (the llama.cpp file the checkpoint was imported from) as they are stored, where they are Q4_0 /
+    Q4_1 / Q8_0: quantizing its dequantized weights again would round twice (SmolLM2-135M's Q4_1 file:
+    perplexity +62% re-quantized by MatMulNBitsQuantizer's integer zero points, 0 from its own blocks)."""
     import onnx
 
     if weights not in WEIGHTS:
@@ -357,9 +356,9 @@ def load(directory: Path, cfg: ModelConfig, dtype=None, device="cpu", max_seq_le
     if not path.is_file():
         raise QtError(f"{path} is missing: the ONNX checkpoint is incomplete; export it again with "
                       f"qt-quant SOURCE --to onnx")
-    if dtype is not None and dtype not in (torch.float32, "float32", torch.float16, "float16"):
-        raise QtError(f"{directory} is an ONNX graph that runs in the precision it was exported with; "
-                      "leave out --dtype (or export again from the source checkpoint)")
+    if dtype is not None and dtype != DTYPES.get(cfg.torch_dtype):
+        raise QtError(f"{directory} is an ONNX graph that runs in the precision it was exported with "
+                      f"({cfg.torch_dtype}); leave out --dtype (or export again from the source checkpoint)")
     length = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     return None, lambda: OnnxRunner(path, cfg, length, device)
 
@@ -373,13 +372,12 @@ class OnnxRunner:
     together (one decode batch), each prefill chunk alone (GroupQueryAttention takes a prompt
     continuation only at batch 1)."""
 
-    def __init__(self, path: str | Path, cfg: ModelConfig, max_seq_len: int, device="cpu",
-                 threads: int | None = None):
+    def __init__(self, path: str | Path, cfg: ModelConfig, max_seq_len: int, device="cpu"):
         import onnxruntime as ort
 
         self.config, self.max_seq_len, self.device = cfg, max_seq_len, torch.device(device)
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.intra_op_num_threads = torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Its threads spin between the ops of a run (fast hand-offs) but not after it: the engine's torch
@@ -389,7 +387,7 @@ class OnnxRunner:
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise QtError("device cuda asked for, but this onnxruntime has no CUDA execution provider; "
-                              "pip install onnxruntime-gpu (qt's gpu extra) or serve on cpu")
+                              "pip uninstall -y onnxruntime && pip install onnxruntime-gpu==1.31.1, or serve on cpu")
             providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
@@ -417,24 +415,21 @@ class OnnxRunner:
         self.v = torch.zeros(shape, dtype=TORCH[self.np_dtype], device=self.device)
 
     def forward(self, segments: list[Segment], logits_at: list[int]) -> torch.Tensor:
-        # Group the segments into runs, then map each wanted index to (run, index within the run).
-        runs, offset = [], 0
+        runs, start = [], 0  # [segments, index of their first token among all the step's tokens, end]
         for s in segments:
-            last = runs[-1] if runs else None
-            if (len(s.tokens) == 1 and last and len(last[0][-1].tokens) == 1
-                    and s.row == last[0][-1].row + 1):
-                last[0].append(s)
+            last = runs[-1][0][-1] if runs else None
+            if len(s.tokens) == 1 and last and len(last.tokens) == 1 and s.row == last.row + 1:
+                runs[-1][0].append(s)
+                runs[-1][2] += 1
             else:
-                runs.append(([s], offset))
-            offset += len(s.tokens)
-        where = []  # per wanted index: its run
-        bounds = [(start, start + sum(len(s.tokens) for s in segs)) for segs, start in runs]
-        for i in logits_at:
-            where.append(next(r for r, (a, b) in enumerate(bounds) if a <= i < b))
+                runs.append([[s], start, start + len(s.tokens)])
+            start += len(s.tokens)
+        if len(runs) == 1:  # a decode batch or one prefill chunk: its logits as they come
+            return self._run(runs[0][0], logits_at)
         out = torch.empty((len(logits_at), self.config.vocab_size), device=self.device)
-        for r, (segs, start) in enumerate(runs):
-            picks = [j for j, w in enumerate(where) if w == r]  # a run with none still writes the cache
-            out[picks] = self._run(segs, [logits_at[j] - start for j in picks])
+        for segs, first, end in runs:
+            picks = [j for j, i in enumerate(logits_at) if first <= i < end]  # a run with none still writes the cache
+            out[picks] = self._run(segs, [logits_at[j] - first for j in picks])
         return out
 
     def _run(self, segs: list[Segment], picks: list[int]) -> torch.Tensor:
@@ -445,7 +440,7 @@ class OnnxRunner:
         b.bind_cpu_input("input_ids", np.array([s.tokens for s in segs], dtype=np.int64))
         b.bind_cpu_input("seqlens_k", np.array(ends, dtype=np.int32) - 1)
         b.bind_cpu_input("total_sequence_length", np.array(max(ends), dtype=np.int32))
-        b.bind_cpu_input("logit_index", np.array(picks or [B * S - 1], dtype=np.int64))
+        b.bind_cpu_input("logit_index", np.array(picks or [B * S - 1], dtype=np.int64))  # ≥ 1 row: dropped below
         logits = torch.empty((max(len(picks), 1), self.config.vocab_size), dtype=self.k.dtype, device=self.device)
         b.bind_output("logits", *self.where, self.np_dtype, tuple(logits.shape), logits.data_ptr())
         self.session.run_with_iobinding(b)
