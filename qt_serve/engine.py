@@ -47,6 +47,7 @@ from qt_serve.errors import QtError
 from qt_serve.sequence import Delta, Sequence, check_prompt, eos_ids_of, prefix_len
 from qt_serve.runner import Runner, Segment, TorchRunner
 from qt_serve.sampling import Choice, SamplingParams
+from qt_serve.structured import Grammars
 
 log = logging.getLogger("qt_serve.engine")
 
@@ -90,6 +91,7 @@ class Engine:
                 raise QtError(what)
         self.runner, self.tokenizer, self.eos_ids = runner, tokenizer, list(eos_ids)
         self.config = runner.config
+        self.grammars = Grammars(tokenizer, self.config.vocab_size, self.eos_ids)  # structured output
         self.max_seq_len = min(max_seq_len or runner.max_seq_len, runner.max_seq_len)
         runner.allocate(max_batch, self.max_seq_len)
         self.max_batch, self.max_queue, self.request_timeout = max_batch, max_queue, request_timeout
@@ -290,7 +292,7 @@ class Engine:
         req.started = True
         if req.params is not None:
             req.seq = Sequence(req.prompt, req.params, self.config.vocab_size, self.eos_ids, self.tokenizer,
-                               self.max_seq_len, self.runner.device)
+                               self.max_seq_len, self.runner.device, self.grammars)
         # Reuse the longest cached prefix among this row and the free rows (always run ≥ 1 token for
         # logits). A scoring request needs every position's logits, so it prefills from 0.
         best, start = row, 0
@@ -317,7 +319,12 @@ class Engine:
         n, budget = 0, self.prefill_chunk
         for row, req in enumerate(self.running):
             if not req.started:
-                self._start(req)
+                try:
+                    self._start(req)
+                except Exception as e:  # its decoding state could not be made (a grammar): it alone fails
+                    log.exception("request %s failed to start", req.id)
+                    self._finish(req, Delta("", finish_reason="error"), error=e)
+                    continue
             fed = len(req.cached)
             if fed < len(req.prompt):  # still prefilling
                 if budget == 0:

@@ -66,6 +66,8 @@ class SamplingFields(Lenient):
 class ChatMessage(Lenient):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(None, description="an assistant's earlier tool calls")
+    tool_call_id: str | None = Field(None, description="the call a tool message answers")
 
     def text(self) -> str:
         if isinstance(self.content, list):  # OpenAI content parts: keep the text ones
@@ -74,8 +76,10 @@ class ChatMessage(Lenient):
 
 
 def plain(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template takes them: role and text content."""
-    return [{"role": m.role, "content": m.text()} for m in messages]
+    """Messages as dicts: role, text content, and the tool fields where set (`tools.Plan.render`
+    turns them into what the chat template takes)."""
+    return [{"role": m.role, "content": m.text(), "tool_calls": m.tool_calls, "tool_call_id": m.tool_call_id}
+            for m in messages]
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -83,7 +87,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", "strict"}}')
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = Field(None, description='"none" | "auto" | "required" | a function')
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(SamplingFields):

@@ -38,6 +38,7 @@ from qt_serve.protocol import (
 from qt_serve.sampling import Choice, SamplingParams
 from qt_serve.sequence import Delta
 from qt_serve.service import Generator, RequestError, Run, Tracker
+from qt_serve.tools import Plan
 
 router = APIRouter()
 
@@ -158,7 +159,7 @@ async def models(request: Request):
 async def tokenize(body: TokenizeRequest, request: Request):
     g = pick(request, body.model)
     if body.messages is not None:
-        ids = g.encode_chat(plain(body.messages), body.add_generation_prompt)
+        ids = chat_ids(g, body.messages, Plan(), body.add_generation_prompt)
     elif body.prompt is not None:
         ids = g.encode_text(body.prompt, body.add_special_tokens)
     else:
@@ -176,27 +177,55 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     return {"prompt": g.tokenizer.decode(body.tokens)}
 
 
+def chat_ids(g: Generator, messages, plan: Plan, add_generation_prompt: bool = True) -> list[int]:
+    """A chat's prompt through the model's template, with the tools (and tool history) `plan` renders."""
+    msgs, extra = plan.render(plain(messages), g.tokenizer.supports_tools)
+    return g.encode_chat(msgs, add_generation_prompt, **extra)
+
+
+class Reply:
+    """One chat choice's text deltas -> OpenAI message fields: content, and tool calls when the request
+    has tools (`tools.CallParser`); the finish reason becomes "tool_calls" when calls end the reply."""
+
+    def __init__(self, plan: Plan):
+        self.parser = plan.parser()
+        self.calls = 0
+
+    def push(self, d: Delta) -> tuple[str, list[dict], str | None]:
+        """(content, tool-call entries with their stream index, finish reason) this delta adds."""
+        if self.parser is None:
+            return d.text, [], d.finish_reason
+        text, calls = self.parser.push(d.text)
+        if d.finish_reason is not None:
+            text += self.parser.flush()
+        entries = [c.openai(self.calls + k) for k, c in enumerate(calls)]
+        self.calls += len(calls)
+        finish = "tool_calls" if d.finish_reason == "stop" and self.calls else d.finish_reason
+        return text, entries, finish
+
+
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat(body: ChatCompletionRequest, request: Request):
     g = pick(request, body.model)
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise RequestError(f"response_format {body.response_format.get('type')!r} is not supported yet; "
-                           "only 'text'", param="response_format")
-    ids = g.encode_chat(plain(body.messages))
+    plan = Plan.of(body.tools, body.tool_choice, body.parallel_tool_calls, body.response_format)
+    ids = chat_ids(g, body.messages, plan)
     lp = (body.top_logprobs or 0) if body.logprobs else None
-    params = per_choice(g.sampling(len(ids), body.max_completion_tokens or body.max_tokens,
+    params = per_choice(g.sampling(len(ids), body.max_completion_tokens or body.max_tokens, grammar=plan.grammar,
                                    **body.sampling_values(lp)), body.n)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     created = int(time.time())
     run = g.open([ids] * body.n, params, rid, len(ids))
     texts = Texts(g)
+    replies = [Reply(plan) for _ in range(body.n)]
 
     if body.stream:
         def chunk(i: int, d: Delta) -> list[dict]:
+            text, calls, finish = replies[i].push(d)
             scored = lp is not None and d.token is not None
-            if not (d.text or d.finish_reason or scored):
-                return []  # a held-back partial character or stop-string prefix, and no logprobs asked
-            c = {"index": i, "delta": {"content": d.text} if d.text else {}, "finish_reason": d.finish_reason}
+            if not (text or calls or finish or scored):
+                return []  # a held-back partial character, stop-string prefix or tool call, and no logprobs asked
+            delta = ({"content": text} if text else {}) | ({"tool_calls": calls} if calls else {})
+            c = {"index": i, "delta": delta, "finish_reason": finish}
             if scored:
                 c["logprobs"] = {"content": [texts.chat_entry(d.token)]}
             return [c]
@@ -208,17 +237,27 @@ async def chat(body: ChatCompletionRequest, request: Request):
         return streaming(events(base, roles, run, chunk, include), run)
 
     async def collect():
-        parts, finish, logprobs = [[] for _ in range(body.n)], [None] * body.n, [[] for _ in range(body.n)]
+        parts, calls = [[] for _ in range(body.n)], [[] for _ in range(body.n)]
+        finish, logprobs = [None] * body.n, [[] for _ in range(body.n)]
         try:
             async for i, d in run:
                 if lp is not None and d.token is not None:
                     logprobs[i].append(texts.chat_entry(d.token))
-                parts[i].append(d.text)
-                finish[i] = d.finish_reason or finish[i]
+                text, new, end = replies[i].push(d)
+                parts[i].append(text)
+                calls[i] += [{k: v for k, v in c.items() if k != "index"} for c in new]
+                finish[i] = end or finish[i]
         finally:
             await run.aclose()
+
+        def message(i: int) -> dict:
+            content = "".join(parts[i])
+            if not calls[i]:
+                return {"role": "assistant", "content": content}
+            return {"role": "assistant", "content": content or None, "tool_calls": calls[i]}
+
         return ChatCompletion(id=rid, created=created, model=g.name, usage=usage(run.tracker), choices=[
-            ChatChoice(index=i, message={"role": "assistant", "content": "".join(parts[i])}, finish_reason=finish[i],
+            ChatChoice(index=i, message=message(i), finish_reason=finish[i],
                        logprobs={"content": logprobs[i]} if lp is not None else None) for i in range(body.n)])
 
     return await until_disconnect(request, collect())

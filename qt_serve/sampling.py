@@ -1,6 +1,7 @@
 """Choosing the next token from logits, per request.
 
-Order of operations (as in HF and vLLM): logit bias -> repetition / presence /
+Order of operations (as in HF and vLLM): grammar mask (structured output: tokens the
+request's grammar forbids are excluded first) -> logit bias -> repetition / presence /
 frequency penalties -> min_tokens (EOS masked) -> temperature -> top-k -> top-p ->
 min-p -> draw. Temperature 0 means greedy. A request's seed fixes its draws
 whatever else the process is doing (each request owns its torch.Generator).
@@ -10,7 +11,7 @@ below, so no request can push NaN into a batch. Within those ranges the sampler
 never raises: a temperature under `GREEDY_BELOW` is greedy (as in vLLM); after the
 filters NaN counts as excluded (-inf), and tokens that overflowed to +inf (a tiny
 repetition penalty dividing a positive logit) are the only candidates; if nothing
-is left the token is the raw logits' argmax.
+is left the token is the raw logits' argmax (among the tokens its grammar allows).
 
 Accepted ranges (OpenAI's where it documents one, else vLLM's):
     temperature ≥ 0 (finite)     top_p in (0, 1]        min_p in [0, 1]      top_k ≥ 0
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from qt_serve.errors import QtError
+from qt_serve.structured import Constraint
 
 GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS: a temperature under it samples greedily
 LOGIT_BIAS_MAX = 100.0  # OpenAI: "values between -100 and 100"
@@ -61,6 +63,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; k: the chosen token's logprob and the top k
     skip_special_tokens: bool = True
+    grammar: str | None = None  # llguidance grammar the output must match (qt_serve.structured)
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
@@ -148,8 +151,9 @@ class Sampler:
     """Per-request state: its parameters, its RNG, and token counts for penalties."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, eos_ids: list[int], prompt: list[int],
-                 device="cpu"):
-        self.p = params
+                 device="cpu", constraint: Constraint | None = None):
+        self.p, self.constraint = params, constraint
+        self.allowed: torch.Tensor | None = None  # the grammar's mask at the last `process`
         self.eos_ids = [] if params.ignore_eos else list(eos_ids)
         self.generator = torch.Generator(device=device)
         if params.seed is not None:
@@ -169,7 +173,10 @@ class Sampler:
         """(vocab,) raw logits -> processed fp32 logits; -inf marks excluded tokens, nothing is NaN or +inf."""
         p = self.p
         x = logits.float()[: self.vocab_size]
-        if p.logit_bias or self.n_out < p.min_tokens:
+        if self.constraint is not None:
+            self.allowed = self.constraint.allowed().to(x.device)
+            x = x.masked_fill(~self.allowed, NEG_INF)
+        elif p.logit_bias or self.n_out < p.min_tokens:
             x = x.clone()  # both write into x; everything else below makes new tensors
         for t, b in p.logit_bias.items():
             x[t] += b
@@ -192,10 +199,7 @@ class Sampler:
             kth = torch.topk(x, p.top_k).values[-1]
             x = x.masked_fill(x < kth, NEG_INF)
         if p.top_p < 1.0:
-            sorted_x, order = torch.sort(x, descending=True)
-            probs = sorted_x.softmax(-1)
-            drop = probs.cumsum(-1) - probs >= p.top_p  # keep the smallest set reaching top_p
-            x = x.scatter(0, order, sorted_x.masked_fill(drop, NEG_INF))
+            x = _top_p(x, p.top_p)
         if p.min_p > 0:
             probs = x.softmax(-1)
             x = x.masked_fill(probs < p.min_p * probs.max(), NEG_INF)
@@ -204,11 +208,14 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> Choice:
         x = self.process(logits)
         if not bool(x.max() > NEG_INF):  # everything excluded (NaN / -inf logits): the raw argmax, never a raise
-            token = int(torch.argmax(logits.float()[: self.vocab_size].nan_to_num(nan=NEG_INF)))
+            raw = logits.float()[: self.vocab_size].nan_to_num(nan=-1e30, posinf=1e30, neginf=-1e30)
+            if self.allowed is not None:  # ... among the tokens the grammar allows
+                raw = raw.masked_fill(~self.allowed, NEG_INF)
+            token = int(torch.argmax(raw))
         elif self.p.greedy:
             token = int(torch.argmax(x))
         else:
-            token = int(torch.multinomial(x.softmax(-1), 1, generator=self.generator))
+            token = self._draw(x)
         choice = Choice(token)
         if self.p.logprobs is not None:
             lp = torch.log_softmax(logits.float()[: self.vocab_size], -1)
@@ -216,10 +223,35 @@ class Sampler:
             if self.p.logprobs:
                 top = torch.topk(lp, min(self.p.logprobs, lp.numel()))
                 choice.top = list(zip(top.indices.tolist(), top.values.tolist()))
+        if self.constraint is not None:
+            self.constraint.advance(token)
         self.seen[token] = True
         self.counts[token] += 1
         self.n_out += 1
         return choice
+
+
+    def _draw(self, x: torch.Tensor) -> int:
+        """A token drawn from softmax(x). When filters left few candidates (top-k / top-p usually leave
+        tens), the draw is among them alone: a multinomial over 49k entries costs ~0.9 ms on 2 cores."""
+        support = torch.nonzero(x > NEG_INF)[:, 0]
+        if support.numel() * 4 > x.numel():
+            return int(torch.multinomial(x.softmax(-1), 1, generator=self.generator))
+        return int(support[torch.multinomial(x[support].softmax(-1), 1, generator=self.generator)])
+
+
+def _top_p(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """x with all but the smallest set of most likely tokens reaching probability top_p excluded.
+
+    Sorting the whole vocabulary costs ~3 ms for 49k entries on 2 cores. When the 256 most likely
+    tokens hold top_p (a trained model's usual case), no token outside them can be in the set, so
+    they alone are sorted (by topk, ~0.1 ms); otherwise the whole vocabulary is."""
+    probs = x.softmax(-1)
+    top, order = torch.topk(probs, min(256, x.numel()))  # descending
+    if float(top.sum()) < top_p:  # a flat distribution: the whole vocabulary, sorted
+        top, order = torch.sort(probs, descending=True)
+    keep = order[top.cumsum(-1) - top < top_p]  # a token stays while the mass before it is under top_p
+    return torch.full_like(x, NEG_INF).index_put_((keep,), x[keep])
 
 
 def _finite_or_excluded(x: torch.Tensor) -> torch.Tensor:

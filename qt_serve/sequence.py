@@ -11,6 +11,7 @@ import torch
 
 from qt_serve.errors import QtError
 from qt_serve.sampling import Choice, Sampler, SamplingParams, StopStrings
+from qt_serve.structured import Grammars
 from qt_serve.tokenizer import StreamDecoder
 
 
@@ -32,9 +33,14 @@ class Sequence:
     """
 
     def __init__(self, prompt: list[int], params: SamplingParams, vocab_size: int, eos_ids: list[int],
-                 tokenizer, max_seq_len: int, device="cpu"):
+                 tokenizer, max_seq_len: int, device="cpu", grammars: Grammars | None = None):
         self.prompt, self.params = prompt, params
-        self.sampler = Sampler(params, vocab_size, eos_ids, prompt, device=device)
+        constraint = None
+        if params.grammar is not None:
+            if grammars is None:
+                raise QtError("this engine cannot constrain output to a grammar")
+            constraint = grammars.constraint(params.grammar)
+        self.sampler = Sampler(params, vocab_size, eos_ids, prompt, device=device, constraint=constraint)
         self.decoder = StreamDecoder(tokenizer, params.skip_special_tokens) if tokenizer else None
         self.stops = StopStrings(params.stop)
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
@@ -61,6 +67,9 @@ class Sequence:
         text, hit = self.stops.push(self._text(choice.token))
         if hit:
             return self._end(Delta(text, choice, "stop"))
+        constraint = self.sampler.constraint
+        if constraint is not None and constraint.finished:  # the grammar allows nothing more (ignore_eos too)
+            return self._end(Delta(text + self.stops.flush() + self._text(), choice, "stop"))
         if len(self.tokens) >= self.budget:
             tail, hit = self.stops.push(self._text())
             return self._end(Delta(text + tail + ("" if hit else self.stops.flush()), choice,

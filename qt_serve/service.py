@@ -141,11 +141,11 @@ class Generator:
             raise RequestError(f"model {self.name!r} has no tokenizer; send token ids")
         return self.engine.tokenizer
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **template_vars) -> list[int]:
         tok = self.tokenizer
         if not tok.chat_template:
             raise RequestError(f"model {self.name!r} has no chat template; use /v1/completions", param="messages")
-        return tok.encode_chat(messages, add_generation_prompt)
+        return tok.encode_chat(messages, add_generation_prompt, **template_vars)
 
     def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -176,6 +176,8 @@ class Generator:
         try:
             params = SamplingParams(max_tokens=max_tokens, **values)
             params.check_tokens(self.engine.config.vocab_size)
+            if params.grammar is not None:
+                self.engine.grammars.check(params.grammar)
         except QtError as e:
             raise request_error(e) from None
         return params

@@ -6,12 +6,14 @@ The files are Hugging Face's (`tokenizer.json`, `tokenizer_config.json` holding
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -77,9 +79,21 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise QtError(f"chat template rejected the messages: {e}") from None
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # The template writes any BOS itself, so the post-processor must not add another.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **kwargs),
+                           add_special_tokens=False)
+
+    @functools.cached_property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list (it names the variable), as HF decides."""
+        if not self.chat_template:
+            return False
+        env = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
+        try:
+            return "tools" in jinja2.meta.find_undeclared_variables(env.parse(self.chat_template))
+        except jinja2.TemplateError:
+            return False
 
     # ---- files ---------------------------------------------------------------
 

@@ -157,7 +157,6 @@ def error_of(r, status):
     ({"model": "tiny", "messages": CHAT, "temperature": -1}, 400, "temperature must be"),
     ({"model": "tiny", "messages": CHAT, "top_p": "high"}, 400, "top_p"),
     ({"model": "tiny", "messages": CHAT, "logit_bias": {"99999": 1}}, 400, "outside the vocabulary"),
-    ({"model": "tiny", "messages": CHAT, "response_format": {"type": "json_object"}}, 400, "not supported yet"),
 ])
 def test_bad_chat_requests(server, body, status, message):
     kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
