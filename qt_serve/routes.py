@@ -38,7 +38,7 @@ from qt_serve.protocol import (
 from qt_serve.sampling import Choice, SamplingParams
 from qt_serve.sequence import Delta
 from qt_serve.service import Generator, RequestError, Run, Tracker
-from qt_serve.tools import Plan
+from qt_serve.tools import Plan, Reply, chat_ids
 
 router = APIRouter()
 
@@ -159,7 +159,7 @@ async def models(request: Request):
 async def tokenize(body: TokenizeRequest, request: Request):
     g = pick(request, body.model)
     if body.messages is not None:
-        ids = chat_ids(g, body.messages, Plan(), body.add_generation_prompt)
+        ids = chat_ids(g, plain(body.messages), Plan(), body.add_generation_prompt)
     elif body.prompt is not None:
         ids = g.encode_text(body.prompt, body.add_special_tokens)
     else:
@@ -177,38 +177,11 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     return {"prompt": g.tokenizer.decode(body.tokens)}
 
 
-def chat_ids(g: Generator, messages, plan: Plan, add_generation_prompt: bool = True) -> list[int]:
-    """A chat's prompt through the model's template, with the tools (and tool history) `plan` renders."""
-    msgs, extra = plan.render(plain(messages), g.tokenizer.supports_tools)
-    return g.encode_chat(msgs, add_generation_prompt, **extra)
-
-
-class Reply:
-    """One chat choice's text deltas -> OpenAI message fields: content, and tool calls when the request
-    has tools (`tools.CallParser`); the finish reason becomes "tool_calls" when calls end the reply."""
-
-    def __init__(self, plan: Plan):
-        self.parser = plan.parser()
-        self.calls = 0
-
-    def push(self, d: Delta) -> tuple[str, list[dict], str | None]:
-        """(content, tool-call entries with their stream index, finish reason) this delta adds."""
-        if self.parser is None:
-            return d.text, [], d.finish_reason
-        text, calls = self.parser.push(d.text)
-        if d.finish_reason is not None:
-            text += self.parser.flush()
-        entries = [c.openai(self.calls + k) for k, c in enumerate(calls)]
-        self.calls += len(calls)
-        finish = "tool_calls" if d.finish_reason == "stop" and self.calls else d.finish_reason
-        return text, entries, finish
-
-
 @router.post("/v1/chat/completions", response_model=ChatCompletion)
 async def chat(body: ChatCompletionRequest, request: Request):
     g = pick(request, body.model)
     plan = Plan.of(body.tools, body.tool_choice, body.parallel_tool_calls, body.response_format)
-    ids = chat_ids(g, body.messages, plan)
+    ids = chat_ids(g, plain(body.messages), plan)
     lp = (body.top_logprobs or 0) if body.logprobs else None
     params = per_choice(g.sampling(len(ids), body.max_completion_tokens or body.max_tokens, grammar=plan.grammar,
                                    **body.sampling_values(lp)), body.n)

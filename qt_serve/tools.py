@@ -1,9 +1,9 @@
 """Tools and response formats of the chat API: request -> prompt and grammar, output -> tool calls.
 
-    plan = Plan.of(body)                       # checks tools, tool_choice and response_format (400s)
-    messages, extra = plan.render(supports_tools=tok.supports_tools)   # for the chat template
-    params = ...grammar=plan.grammar...        # None when the output is free text
-    parser = plan.parser()                     # per choice: text deltas -> content and tool calls
+    plan = Plan.of(tools, tool_choice, parallel_tool_calls, response_format)   # 400 for bad values
+    ids = chat_ids(gen, messages, plan)             # tools through the template, or the generic prompt
+    params = gen.sampling(len(ids), grammar=plan.grammar)   # grammar None: free text
+    reply = Reply(plan)                             # per choice: deltas -> content, tool calls, finish
 
 Tool calls are written in the Hermes form that Qwen2.5, SmolLM3 and Hermes models are trained on:
 
@@ -36,7 +36,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from qt_serve.service import RequestError
+from qt_serve.sequence import Delta
+from qt_serve.service import Generator, RequestError
 from qt_serve.structured import json_schema_grammar, lark_grammar, lark_json, lark_literal
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
@@ -310,3 +311,31 @@ class CallParser:
         """What is left when the reply ends (an unfinished call is returned as text, not lost)."""
         out, self.buf = self.buf.strip() if self.mode == "calls" else self.buf, ""
         return out
+
+
+def chat_ids(g: Generator, messages: list[dict], plan: Plan, add_generation_prompt: bool = True) -> list[int]:
+    """A chat's prompt (OpenAI messages as dicts) through the model's template, with the tools and
+    tool history `plan` renders."""
+    msgs, extra = plan.render(messages, g.tokenizer.supports_tools)
+    return g.encode_chat(msgs, add_generation_prompt, **extra)
+
+
+class Reply:
+    """One chat choice's text deltas -> OpenAI message fields: content, and tool calls when the request
+    has tools (`tools.CallParser`); the finish reason becomes "tool_calls" when calls end the reply."""
+
+    def __init__(self, plan: Plan):
+        self.parser = plan.parser()
+        self.calls = 0
+
+    def push(self, d: Delta) -> tuple[str, list[dict], str | None]:
+        """(content, tool-call entries with their stream index, finish reason) this delta adds."""
+        if self.parser is None:
+            return d.text, [], d.finish_reason
+        text, calls = self.parser.push(d.text)
+        if d.finish_reason is not None:
+            text += self.parser.flush()
+        entries = [c.openai(self.calls + k) for k, c in enumerate(calls)]
+        self.calls += len(calls)
+        finish = "tool_calls" if d.finish_reason == "stop" and self.calls else d.finish_reason
+        return text, entries, finish
