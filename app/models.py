@@ -1,10 +1,14 @@
 """The models a page can talk to: the ones this server holds, or any OpenAI-compatible URL.
 
-Both stream a chat reply as text pieces through one interface, so the chat page and the arena
+Both stream a chat reply as pieces through one interface, so the chat page and the arena
 never care where a model runs:
 
     async for piece in model.stream(messages, Settings(temperature=0.7)):
-        ...  # piece.text, piece.tokens (generated so far)
+        ...  # piece.text, piece.tokens (generated so far), piece.calls (tool calls it completes)
+
+`Settings` may also ask for a JSON reply or offer tools, with the chat API's own fields
+(`response_format`, `tools`, `tool_choice`): a local model takes them through `qt_serve.tools`
+as the API route does, a remote one gets them in its request.
 
 A failure the person can act on (prompt past the context, queue full, server unreachable)
 is raised as `ChatError` with the server's own message.
@@ -15,10 +19,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from qt_serve.errors import QtError
 from qt_serve.service import Generator, RequestError
+from qt_serve.tools import Plan, Reply, chat_ids
+
+STRUCTURED = ("response_format", "tools", "tool_choice")
 
 
 class ChatError(Exception):
@@ -31,15 +38,25 @@ class Settings:
     top_p: float = 1.0
     max_tokens: int = 256
     seed: int | None = None
+    # The chat API's fields of the same names; None: unset (a free-text reply, no tools).
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+
+    def structured(self) -> dict:
+        """The reply format and tools that are set, as chat API request fields."""
+        return {k: getattr(self, k) for k in STRUCTURED if getattr(self, k) is not None}
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """As a vote records them: the sampling values, and the reply format and tools only when set."""
+        return {k: v for k, v in asdict(self).items() if k not in STRUCTURED} | self.structured()
 
 
 @dataclass
 class Piece:
     text: str
     tokens: int  # tokens generated so far
+    calls: list[dict] = field(default_factory=list)  # tool calls completed here (OpenAI's message.tool_calls)
 
 
 @dataclass
@@ -98,16 +115,19 @@ class LocalModel:
 
     async def stream(self, messages: list[dict], settings: Settings) -> AsyncIterator[Piece]:
         try:
-            ids = self.gen.encode_chat(messages)
+            plan = Plan.of(settings.tools, settings.tool_choice, None, settings.response_format)
+            ids = chat_ids(self.gen, messages, plan)
             # "Max new tokens" is an upper bound here: a long chat gets what room the context has left.
             params = self.gen.sampling(len(ids), settings.max_tokens, clamp=True, temperature=settings.temperature,
-                                       top_p=settings.top_p, seed=settings.seed)
+                                       top_p=settings.top_p, seed=settings.seed, grammar=plan.grammar)
             run = self.gen.open([ids], [params], f"page-{uuid.uuid4().hex[:12]}", len(ids))
-        except RequestError as e:
-            raise ChatError(e.message) from None
+        except QtError as e:  # RequestError, or a schema llguidance cannot compile
+            raise ChatError(str(e)) from None
+        reply = Reply(plan)
         try:
             async for _, d in run:
-                yield Piece(d.text, run.tracker.tokens)
+                text, calls, _ = reply.push(d)
+                yield Piece(text, run.tracker.tokens, [{k: v for k, v in c.items() if k != "index"} for c in calls])
         except RequestError as e:
             raise ChatError(e.message) from None
         finally:
@@ -130,17 +150,27 @@ class RemoteModel:
     async def stream(self, messages: list[dict], settings: Settings) -> AsyncIterator[Piece]:
         import openai
 
-        tokens = 0
+        tokens, calls = 0, {}  # calls: stream index -> the call as its fragments have built it so far
         try:
             stream = await self.client.chat.completions.create(
                 model=self.model, messages=messages, stream=True, temperature=settings.temperature,
-                top_p=settings.top_p, max_tokens=settings.max_tokens, seed=settings.seed)
+                top_p=settings.top_p, max_tokens=settings.max_tokens, seed=settings.seed, **settings.structured())
             async with stream:
                 async for chunk in stream:
                     for c in chunk.choices:
+                        # One chunk per token on vLLM and OpenAI (qt sends each tool call whole, in one).
+                        tokens += bool(c.delta.content or c.delta.tool_calls)
+                        for t in c.delta.tool_calls or []:
+                            call = calls.setdefault(t.index, {"id": "", "type": "function",
+                                                              "function": {"name": "", "arguments": ""}})
+                            call["id"] = t.id or call["id"]
+                            if t.function:  # OpenAI streams a call's arguments in pieces
+                                call["function"]["name"] += t.function.name or ""
+                                call["function"]["arguments"] += t.function.arguments or ""
                         if c.delta.content:
-                            tokens += 1  # one content chunk per token on qt, vLLM and OpenAI
                             yield Piece(c.delta.content, tokens)
+            if calls:  # whole only once the stream has ended
+                yield Piece("", tokens, [calls[i] for i in sorted(calls)])
         except openai.APIStatusError as e:
             body = e.body if isinstance(e.body, dict) else {}
             raise ChatError(f"{self.name}: {body.get('message') or e.message}") from None

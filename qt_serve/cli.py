@@ -56,19 +56,55 @@ def chat_main(argv=None) -> int:
     ap.add_argument("--top-p", type=float, default=None, help="default: the model's")
     ap.add_argument("--max-tokens", type=positive, default=512, help="new tokens at most per reply")
     ap.add_argument("--seed", type=int, default=None)
+    shape = ap.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="every reply a JSON object")
+    shape.add_argument("--json-schema", metavar="FILE",
+                       help="every reply JSON valid against the JSON schema in FILE (a keyword that cannot be "
+                            "enforced is an error)")
     args = ap.parse_args(argv)
     return run(lambda: chat(args))
+
+
+def reply_format(args) -> dict | None:
+    """The chat API's `response_format` the flags ask for; a schema file that cannot be read fails here,
+    before the model loads."""
+    if args.json:
+        return {"type": "json_object"}
+    if args.json_schema is None:
+        return None
+    import json
+    from pathlib import Path
+
+    try:
+        schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise QtError(f"--json-schema {args.json_schema}: cannot read it ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QtError(f"--json-schema {args.json_schema}: not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise QtError(f"--json-schema {args.json_schema}: a JSON schema is an object ({{...}}), this file holds "
+                      f"a {type(schema).__name__}")
+    return {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema,
+                                                   "strict": True}}
 
 
 def chat(args) -> int:
     import torch
 
     from qt_serve.generate import LLM
+    from qt_serve.tools import Plan, chat_ids
 
     torch.set_grad_enabled(False)
+    plan = Plan.of(None, None, None, reply_format(args))
     llm = LLM.load(args.model, dtype=args.dtype, device=args.device, max_seq_len=args.max_seq_len)
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         raise QtError(f"{args.model} has no tokenizer with a chat_template, so it cannot chat")
+    try:  # once, not at the first message: a keyword llguidance lacks, a bad pattern
+        grammar = plan.grammar
+        if grammar is not None:
+            llm.engine.grammars.check(grammar)
+    except QtError as e:
+        raise QtError(f"{f'--json-schema {args.json_schema}' if args.json_schema else '--json'}: {e}") from None
     system = args.system
     history: list[dict] = []
     print(f"qt-chat: {llm.ckpt.source} ({llm.n_params / 1e6:.0f}M parameters). "
@@ -101,19 +137,20 @@ def chat(args) -> int:
             continue
         history.append({"role": "user", "content": text})
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        reply, n, start, first = [], 0, time.perf_counter(), None
+        reply, n, start, first, finish = [], 0, time.perf_counter(), None, None
         print("bot> ", end="", flush=True)
         try:
-            ids = llm.encode(messages)
+            ids = chat_ids(llm.gen, messages, plan)
             params = llm.gen.sampling(len(ids), args.max_tokens, clamp=True, temperature=args.temperature,
-                                      top_p=args.top_p, seed=args.seed)
+                                      top_p=args.top_p, seed=args.seed, grammar=grammar)
             for delta in llm.gen.stream_sync(ids, params):
                 if first is None:
                     first = time.perf_counter() - start
                 n += delta.token is not None
                 reply.append(delta.text)
+                finish = delta.finish_reason
                 print(delta.text, end="", flush=True)
-            note = ""
+            note = " [cut at --max-tokens: the JSON may be incomplete]" if grammar and finish == "length" else ""
         except KeyboardInterrupt:
             note = " [stopped]"
         except QtError as e:  # e.g. the conversation outgrew the context: keep the program alive

@@ -37,14 +37,33 @@ from qt_serve.errors import QtError
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+def closed(schema):
+    """OpenAI's strict mode: every object schema that does not say otherwise allows no properties beyond
+    its own (OpenAI requires `additionalProperties: false` there; qt supplies it). Without it a small
+    model invents keys and values until max_tokens (LOG.md 2026-12-01)."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in ("enum", "const", "default", "examples") else closed(v) for k, v in schema.items()}
+    if out.get("type") == "object" or "properties" in out:
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+def guided(schema: dict, lenient: bool) -> dict:
+    """`schema` with qt's JSON layout; lenient: keywords llguidance does not implement are ignored."""
+    return {**schema, "x-guidance": {**JSON_LAYOUT, "lenient": lenient, **schema.get("x-guidance", {})}}
+
+
 def json_schema_grammar(schema: dict, strict: bool = True) -> str:
-    """The grammar of JSON values that validate against `schema`. Not strict: keywords llguidance
-    does not implement are ignored (OpenAI's `strict: false`); strict: they are an error."""
+    """The grammar of JSON values that validate against `schema`. Strict (OpenAI's `strict: true`):
+    objects are `closed`, and a keyword llguidance does not implement is an error; not strict: the
+    schema as given, such keywords ignored."""
     if not isinstance(schema, dict):
         raise QtError(f"a JSON schema must be an object, got {type(schema).__name__}")
     try:
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_LAYOUT,
-                                                             overrides={"lenient": not strict})
+        return llguidance.LLMatcher.grammar_from_json_schema(guided(closed(schema) if strict else schema, not strict))
     except ValueError as e:
         raise QtError(f"the JSON schema is not usable: {e}") from None
 
@@ -53,9 +72,9 @@ def lark_grammar(lark: str) -> str:
     return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
-def lark_json(schema: dict) -> str:
+def lark_json(schema: dict, lenient: bool) -> str:
     """A Lark rule body for a JSON value validating against `schema`, in qt's JSON layout."""
-    return "%json " + json.dumps({**schema, "x-guidance": {**JSON_LAYOUT, **schema.get("x-guidance", {})}})
+    return "%json " + json.dumps(guided(schema, lenient))
 
 
 def lark_literal(text: str) -> str:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 from qt_serve.sequence import Delta
 from qt_serve.service import Generator, RequestError
-from qt_serve.structured import json_schema_grammar, lark_grammar, lark_json, lark_literal
+from qt_serve.structured import closed, json_schema_grammar, lark_grammar, lark_json, lark_literal
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -71,7 +71,8 @@ class Tool:
                                                  "parameters": self.parameters}}
 
     def call_schema(self) -> dict:
-        return {"type": "object", "properties": {"name": {"const": self.name}, "arguments": self.parameters},
+        args = closed(self.parameters) if self.strict else self.parameters
+        return {"type": "object", "properties": {"name": {"const": self.name}, "arguments": args},
                 "required": ["name", "arguments"], "additionalProperties": False}
 
 
@@ -104,7 +105,7 @@ def response_schema(fmt: dict | None) -> tuple[dict, bool] | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return {"type": "object"}, True
+        return {"type": "object"}, False  # any object: not closed
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
@@ -159,16 +160,16 @@ class Plan:
             return None if self.schema is None else json_schema_grammar(*self.schema)
         tools = self.tools if self.choice in ("auto", "required") else [t for t in self.tools if t.name == self.choice]
         body = {"anyOf": [t.call_schema() for t in tools]} if len(tools) > 1 else tools[0].call_schema()
-        if not all(t.strict for t in tools):
-            body["x-guidance"] = {"lenient": True}  # as OpenAI: only strict tools refuse what they cannot enforce
+        lenient = not all(t.strict for t in tools)  # as OpenAI: only strict tools refuse what they cannot enforce
         rules = [f"call: {lark_literal(OPEN + chr(10))} body {lark_literal(chr(10) + CLOSE)}",
-                 f"body: {lark_json(body)}",
+                 f"body: {lark_json(body, lenient)}",
                  "calls: call" + (' ("\\n" call)*' if self.parallel else "")]
         if self.choice != "auto":
             start = "start: calls"
         elif self.schema is not None:
             start = "start: reply | calls"
-            rules.append(f"reply: {lark_json({**self.schema[0], 'x-guidance': {'lenient': not self.schema[1]}})}")
+            schema, strict = self.schema
+            rules.append(f"reply: {lark_json(closed(schema) if strict else schema, not strict)}")
         else:
             start = "start: TEXT | calls"
             rules.append(r"TEXT: /[^<](.|\n)*/")

@@ -3,6 +3,7 @@ against a real `qt-serve` process holding two tiny test models."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,6 +14,7 @@ import sys
 import time
 
 import httpx
+import jsonschema
 import pytest
 import torch
 
@@ -26,6 +28,14 @@ if not os.path.exists(CHROMIUM):
 from playwright.sync_api import expect, sync_playwright  # noqa: E402 (after the skip when it is missing)
 
 CTX = 1024  # long enough that a greedy reply is still streaming when Stop is pressed
+# Bounded, so that the random model's reply ends: it writes whatever the schema allows.
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["c", "f"]},
+                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+          "required": ["city", "unit", "days"], "additionalProperties": False}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                   "required": ["city"], "additionalProperties": False}}}
 
 
 def free_port() -> int:
@@ -290,3 +300,85 @@ def test_page_asks_for_the_api_key(ckpt, tmp_path, browser):
     finally:
         pg.close()
         srv.stop()
+
+
+def structured(page, reply_format: str | None = None, schema: str | None = None, tools: str | None = None,
+               choice: str | None = None):
+    """Set the "Structured output" fields given (the accordion opened first if it is closed)."""
+    if not page.locator("#reply-format").is_visible():
+        page.get_by_role("button", name="Structured output").click()
+    if reply_format is not None:
+        page.locator("#reply-format").get_by_label(reply_format, exact=True).check()
+    if schema is not None:
+        page.locator("#schema textarea").fill(schema)
+    if tools is not None:
+        page.locator("#tools textarea").fill(tools)
+    if choice is not None:
+        page.locator("#tool-choice").get_by_label(choice, exact=True).check()
+
+
+def api_reply(server, messages, **fields) -> dict:
+    """The same greedy request through the API: the reference for what the page shows."""
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                   json={"model": "a", "messages": messages, "temperature": 0, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]
+
+
+def follow_up_prompt(server, page, history: list[dict], text: str) -> None:
+    """Send `text` and check the prompt the model got, token for token, is `history` as the model wrote
+    it (not as shown) and the new message: what /tokenize counts for those messages."""
+    before = server.prompt_tokens()
+    set_number(page, "max-tokens", 4)
+    send(page, text)
+    expect(bot(page)).to_have_count(2)
+    expect(bot(page).last).to_contain_text("TTFT", timeout=30_000)
+    want = httpx.post(server.url + "/tokenize", json={"model": "a", "messages": history + [
+        {"role": "user", "content": text}]}).json()["count"]
+    assert server.prompt_tokens() - before == want
+
+
+def test_json_schema_reply_is_shown_as_valid_json(server, page):
+    page.goto(server.url + "/")
+    set_number(page, "temperature", 0)
+    structured(page, "JSON schema", schema='{"type": "object",')
+    send(page, "Weather in Paris?")
+    expect(page.locator("#status")).to_contain_text("the JSON schema is not valid JSON")
+    expect(page.get_by_text("the JSON schema is not valid JSON").first).to_be_visible()  # the warning
+    expect(page.locator('#chat [data-testid="user"]')).to_have_count(1)  # the message is kept
+    assert bot(page).count() == 0
+    structured(page, schema=json.dumps(SCHEMA))
+    page.locator("#regenerate").click()  # answers the kept message
+    expect(bot(page).last).to_contain_text("TTFT", timeout=60_000)
+    shown = bot(page).last.locator("code").inner_text()
+    value = json.loads(shown)
+    jsonschema.validate(value, SCHEMA)
+    assert "\n  " in shown  # pretty-printed
+    fmt = {"type": "json_schema", "json_schema": {"name": "page", "schema": SCHEMA, "strict": True}}
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    written = api_reply(server, ask, response_format=fmt)["content"]
+    assert json.loads(written) == value
+    structured(page, "Text")
+    follow_up_prompt(server, page, ask + [{"role": "assistant", "content": written}], "And in Oslo?")
+
+
+def test_tool_call_is_shown_with_its_name(server, page):
+    page.goto(server.url + "/")
+    set_number(page, "temperature", 0)
+    structured(page, tools=json.dumps([{"type": "function", "function": {"name": "bad name"}}]), choice="required")
+    send(page, "Weather in Paris?")
+    expect(page.locator("#status")).to_contain_text("must be 1-64 letters")  # the server's own check
+    expect(page.locator('#chat [data-testid="user"]')).to_have_count(1)
+    structured(page, tools=json.dumps([WEATHER]))
+    page.locator("#regenerate").click()
+    expect(bot(page).last).to_contain_text("TTFT", timeout=60_000)
+    expect(bot(page).last).to_contain_text("Tool call: get_weather")
+    args = json.loads(bot(page).last.locator("code").inner_text())
+    jsonschema.validate(args, WEATHER["function"]["parameters"])
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    (call,) = api_reply(server, ask, tools=[WEATHER], tool_choice="required")["tool_calls"]
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("get_weather", args)
+    # The call goes back to the model in the form it wrote it (tools.py's Hermes form), not as shown.
+    written = "<tool_call>\n" + json.dumps({"name": "get_weather", "arguments": args}, ensure_ascii=False) + "\n</tool_call>"
+    structured(page, choice="none")  # no tool prompt: the prompt is the history alone, as /tokenize sees it
+    follow_up_prompt(server, page, ask + [{"role": "assistant", "content": written}], "Thanks")

@@ -17,7 +17,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from qt_serve.checkpoint import save_checkpoint
 from qt_serve.errors import QtError
 from qt_serve.sampling import Sampler, SamplingParams, _top_p
-from qt_serve.structured import Grammars, json_schema_grammar
+from qt_serve.structured import Grammars, closed, json_schema_grammar
 from qt_serve.tokenizer import Tokenizer
 from qt_serve.tools import CallParser, Plan
 
@@ -119,6 +119,21 @@ def test_bad_schemas_name_the_problem(tokenizer):
     grammars.check(json_schema_grammar({"type": "string", "format": "zip-code"}, strict=False))  # ignored
     with pytest.raises(QtError, match="Invalid type: text"):
         grammars.check(json_schema_grammar({"type": "text"}))
+
+
+def test_strict_schemas_close_objects(tokenizer):
+    grammars = Grammars(tokenizer, tokenizer.vocab_size, [tokenizer.eos_id])
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for strict, more in ((True, False), (False, True)):
+        c = grammars.constraint(json_schema_grammar(schema, strict=strict))
+        for t in tokenizer.encode('{"a": 1', add_special_tokens=False):
+            c.advance(t)
+        # after the last required property: another key only if the schema is left open
+        assert any(c.allowed()[t] for t in tokenizer.encode(",", add_special_tokens=False)) == more
+    nested = {"type": "object", "properties": {"b": {"type": "object", "additionalProperties": True},
+                                               "c": {"enum": [{"type": "object"}]}}}
+    assert closed(nested) == {"type": "object", "additionalProperties": False, "properties": {
+        "b": {"type": "object", "additionalProperties": True}, "c": {"enum": [{"type": "object"}]}}}
 
 
 def test_top_p_keeps_the_same_set_as_a_full_sort():
