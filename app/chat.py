@@ -102,13 +102,13 @@ def parsed(text: str, what: str, kind: type):
 
 def settings_of(temperature, top_p, max_tokens, seed: str, reply_format: str = "Text", schema: str = "",
                 tools: str = "", tool_choice: str = "auto") -> Settings:
-    seed = (seed or "").strip()
+    seed, schema, tools = (seed or "").strip(), schema or "", tools or ""  # an untouched Textbox sends None
     if seed and not seed.lstrip("-").isdigit():
         raise ChatError(f"the seed must be a whole number or blank (random), not {seed!r}")
     if reply_format == "JSON schema":
         if not schema.strip():
             raise ChatError("the reply format is JSON schema but the schema is empty: write one, or pick another")
-        # strict: a keyword llguidance cannot enforce is an error rather than silently not enforced
+        # strict, as OpenAI's: objects closed, and a keyword that cannot be enforced is an error, not ignored
         fmt = {"type": "json_schema", "json_schema": {"name": "page", "strict": True,
                                                       "schema": parsed(schema, "the JSON schema", dict)}}
     else:

@@ -59,15 +59,14 @@ def chat_main(argv=None) -> int:
     shape = ap.add_mutually_exclusive_group()
     shape.add_argument("--json", action="store_true", help="every reply a JSON object")
     shape.add_argument("--json-schema", metavar="FILE",
-                       help="every reply JSON valid against the JSON schema in FILE (a keyword that cannot be "
-                            "enforced is an error)")
+                       help="every reply JSON valid against the JSON schema in FILE, taken as OpenAI's strict mode "
+                            "does: objects closed, a keyword that cannot be enforced an error")
     args = ap.parse_args(argv)
     return run(lambda: chat(args))
 
 
 def reply_format(args) -> dict | None:
-    """The chat API's `response_format` the flags ask for; a schema file that cannot be read fails here,
-    before the model loads."""
+    """The chat API's `response_format` the flags ask for."""
     if args.json:
         return {"type": "json_object"}
     if args.json_schema is None:
@@ -82,20 +81,21 @@ def reply_format(args) -> dict | None:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise QtError(f"--json-schema {args.json_schema}: not JSON: {e}") from None
     if not isinstance(schema, dict):
-        raise QtError(f"--json-schema {args.json_schema}: a JSON schema is an object ({{...}}), this file holds "
-                      f"a {type(schema).__name__}")
+        raise QtError(f"--json-schema {args.json_schema}: a JSON schema is an object ({{...}}), not this "
+                      f"{type(schema).__name__}")
     return {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema,
                                                    "strict": True}}
 
 
 def chat(args) -> int:
+    fmt = reply_format(args)  # first: a bad schema file fails before torch and the model load
     import torch
 
     from qt_serve.generate import LLM
     from qt_serve.tools import Plan, chat_ids
 
     torch.set_grad_enabled(False)
-    plan = Plan.of(None, None, None, reply_format(args))
+    plan = Plan.of(None, None, None, fmt)
     llm = LLM.load(args.model, dtype=args.dtype, device=args.device, max_seq_len=args.max_seq_len)
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         raise QtError(f"{args.model} has no tokenizer with a chat_template, so it cannot chat")

@@ -304,6 +304,8 @@ BAD = [
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]},
      "parameters must be a JSON schema of an object"),
     ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "must be 1-64 letters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"a": {"type": "strin"}}}}}], "tool_choice": "required"}, "Invalid type: strin"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "names function 'nope', which is not among the tools (get_weather)"),
     ({"tool_choice": "required"}, "tool_choice is set but no tools are given"),
