@@ -175,7 +175,7 @@ class Sampler:
         x = logits.float()[: self.vocab_size]
         if self.constraint is not None:
             self.allowed = self.constraint.allowed().to(x.device)
-            x = x.masked_fill(~self.allowed, NEG_INF)
+            x = torch.where(self.allowed, x, NEG_INF)
         elif p.logit_bias or self.n_out < p.min_tokens:
             x = x.clone()  # both write into x; everything else below makes new tensors
         for t, b in p.logit_bias.items():
@@ -210,7 +210,7 @@ class Sampler:
         if not bool(x.max() > NEG_INF):  # everything excluded (NaN / -inf logits): the raw argmax, never a raise
             raw = logits.float()[: self.vocab_size].nan_to_num(nan=-1e30, posinf=1e30, neginf=-1e30)
             if self.allowed is not None:  # ... among the tokens the grammar allows
-                raw = raw.masked_fill(~self.allowed, NEG_INF)
+                raw = torch.where(self.allowed, raw, NEG_INF)
             token = int(torch.argmax(raw))
         elif self.p.greedy:
             token = int(torch.argmax(x))

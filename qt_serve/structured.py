@@ -29,6 +29,7 @@ import json
 import threading
 
 import llguidance
+import numpy as np
 import torch
 
 from qt_serve.errors import QtError
@@ -124,13 +125,13 @@ class Constraint:
 
     def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int):
         self.matcher, self.vocab_size = matcher, vocab_size
-        self.words = torch.empty((vocab_size + 31) // 32, dtype=torch.int32)  # 1 bit per token
-        self.shifts = torch.arange(32, dtype=torch.int32)
+        self.words = np.empty((vocab_size + 31) // 32, dtype=np.int32)  # 1 bit per token, token 0 the lowest
 
     def allowed(self) -> torch.Tensor:
         """(vocab,) bool: the tokens that keep the output inside the grammar (only EOS once it is complete)."""
-        self.matcher.unsafe_compute_mask_ptr(self.words.data_ptr(), self.words.numel() * 4)
-        return ((self.words[:, None] >> self.shifts) & 1).view(-1)[:self.vocab_size].bool()
+        self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
+        bits = np.unpackbits(self.words.view(np.uint8), bitorder="little")[:self.vocab_size]  # 5 µs for 49k
+        return torch.from_numpy(bits.view(np.bool_))
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
