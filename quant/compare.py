@@ -9,7 +9,8 @@ gives a failed row with its error) into DIR/<scheme>, then measured:
   * load time and peak RSS of `checkpoint.load` + `Engine.load`, in a fresh interpreter, so the RSS
     is that model's own; in the same process, through the engine (so every backend, ONNX included):
   * perplexity on held-out text (benchmarks/data/passage.txt, public domain, ~2,900 tokens, cut to
-    the context), from the engine's prompt scoring (the server's echo + logprobs path);
+    the context), from the engine's prompt scoring (the server's echo + logprobs path), as `qt-eval ppl`
+    computes it (`evals.ppl`);
   * greedy agreement with fp32: 10 chat prompts (benchmarks/data/chat_prompts.json), --agree-tokens
     greedy tokens; a prompt agrees when its reply equals fp32's; for the others, the first differing
     step and fp32's top-2 log-prob margin there (nats; small = a near-tie);
@@ -95,16 +96,14 @@ def probe(llm, req: dict) -> dict:
     import numpy as np
     import torch
 
+    from evals import ppl
+    from evals.target import Local
     from qt_serve.sampling import SamplingParams
 
     ids = req["passage_ids"]
-    deltas = []
-    scoring = llm.engine.submit(ids, None, deltas.append, prompt_logprobs=0)
-    while not scoring.done:
-        llm.engine.run_once()
-    scored = next(d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None)  # tokens 1.. of the passage
-    nll = -sum(c.logprob for c in scored) / len(scored)
-    out = {"nll": nll, "ppl": float(np.exp(nll)), "passage_tokens": len(ids), "greedy": [], "margins": []}
+    # `qt-eval ppl`'s scoring through the engine; one window, as the passage was cut to the context
+    s = ppl.summary(*ppl.score(Local(llm.gen), [ids], len(ids), len(ids) - 1))
+    out = {"nll": s["cross_entropy"], "ppl": s["perplexity"], "passage_tokens": len(ids), "greedy": [], "margins": []}
     params = SamplingParams(temperature=0, max_tokens=req["agree_tokens"], logprobs=2)
     for prompt in req["chat_ids"]:
         c = llm.generate(prompt, params)
