@@ -336,10 +336,10 @@ def release_openmp_threads() -> bool:
         return False
     names = sorted({line.split()[-1] for line in maps.splitlines()
                     if any(n in line.rsplit("/", 1)[-1] for n in ("libgomp", "libomp", "libiomp"))})
-    for name in names:
+    released = False
+    for name in names:  # every runtime loaded, not the first: scikit-learn brings its own libgomp beside torch's
         try:
-            if ctypes.CDLL(name).omp_pause_resource_all(1) == 0:  # omp_pause_soft
-                return True
+            released |= ctypes.CDLL(name).omp_pause_resource_all(1) == 0  # omp_pause_soft
         except (OSError, AttributeError):
             continue
-    return False
+    return released
