@@ -260,6 +260,16 @@ def report(result: dict, rows: list[dict], out: Path) -> None:
 
 
 def main(args) -> int:
+    import openai
+
+    try:
+        return run(args)
+    except openai.APIStatusError as e:  # a request the model's server or the judge refused: say which, keep the rest
+        raise QtError(f"{e.request.url} refused a request ({e.status_code}): {e.message}; the answers and verdicts "
+                      "so far are kept: fix it and rerun with --resume") from None
+
+
+def run(args) -> int:
     from evals.bench import serving
 
     if args.judge_url and not args.judge_model:

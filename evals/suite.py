@@ -94,6 +94,8 @@ def headline(task: str, run_dir: Path) -> dict:
 def run_suite(suite: dict, resume: bool = False) -> dict:
     from evals.cli import main as qt_eval
 
+    if not isinstance(suite.get("models", []), list):
+        raise QtError("the suite's 'models' must be a list of checkpoints or {name, spec} / {name, url} tables")
     models = parse_models(suite.get("models") or [])
     tasks = suite.get("tasks") or []
     if not models or not tasks:
@@ -102,6 +104,8 @@ def run_suite(suite: dict, resume: bool = False) -> dict:
     table: dict[str, dict] = {m["name"]: {} for m in models}
     failures = []
     for t in tasks:
+        if not isinstance(t, dict) or "task" not in t or not isinstance(t.get("args", {}), dict):
+            raise QtError(f"suite task {t!r}: give {{task = NAME, args = {{...}}}} ([[tasks]] tables in the TOML)")
         task, args = t["task"], dict(t.get("args") or {})
         for m in models:
             run_dir = out / m["name"] / task
