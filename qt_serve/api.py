@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from qt_serve import checkpoint, routes
+from qt_serve import checkpoint, lora, routes
 from qt_serve.engine import Engine, Worker
 from qt_serve.errors import QtError
 from qt_serve.service import Generator, Metrics, RequestError, request_error
@@ -39,20 +39,30 @@ def error_json(e: RequestError) -> JSONResponse:
 
 
 def load_generators(specs: list[str], dtype=None, device="cpu", max_seq_len=None, max_batch=8, max_queue=64,
-                    request_timeout: float | None = None, metrics: Metrics | None = None) -> dict[str, Generator]:
-    """`[NAME=]SPEC` strings -> loaded models, each behind its own engine, sharing one Metrics."""
+                    request_timeout: float | None = None, metrics: Metrics | None = None,
+                    loras: list[str] = ()) -> dict[str, Generator]:
+    """`[NAME=]SPEC` strings -> loaded models, each behind its own engine, sharing one Metrics; and
+    `NAME=DIR[@MODEL]` LoRA adapters, each served through its base model's engine (`lora.py`)."""
     metrics = metrics or Metrics()
     worker = Worker()  # one thread steps every model: one OpenMP team in the process (engine.Worker)
+    models = [spec.split("=", 1) if "=" in spec else (Path(spec.rstrip("/")).stem or spec, spec) for spec in specs]
+    adapters = [lora.parse_spec(spec, [name for name, _ in models]) for spec in loras]
+    names = [name for name, _ in models] + [name for name, _, _ in adapters]
+    for name in names:
+        if names.count(name) > 1:
+            raise QtError(f"two models are named {name!r}; name them with --model NAME=SPEC / --lora NAME=DIR")
     out = {}
-    for spec in specs:
-        name, path = spec.split("=", 1) if "=" in spec else (Path(spec.rstrip("/")).stem or spec, spec)
-        if name in out:
-            raise QtError(f"two models are named {name!r}; name them with --model NAME=SPEC")
+    for name, path in models:
         ckpt = checkpoint.load(path, dtype=dtype, device=device, max_seq_len=max_seq_len)
+        mine = [lora.load(d, ckpt, a) for a, d, base in adapters if base == name]
         engine = Engine.load(ckpt, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
-                             request_timeout=request_timeout, thread=worker)
+                             request_timeout=request_timeout, thread=worker, adapters=mine)
         out[name] = Generator(name, engine, ckpt.generation_config, metrics)
         log.info("serving %s from %s (context %d, %d slots)", name, path, engine.max_seq_len, max_batch)
+        for i, a in enumerate(mine, 1):
+            out[a.name] = Generator(a.name, engine, ckpt.generation_config, metrics, adapter=i, parent=name,
+                                    root=a.source)
+            log.info("serving LoRA adapter %s from %s on %s", a.name, a.source, name)
     return out
 
 
@@ -153,8 +163,9 @@ def create_app(generators: dict[str, Generator], api_key: str | None = None, max
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        for g in generators.values():  # in-flight streams were already given their grace period by uvicorn
-            await asyncio.to_thread(g.engine.shutdown, True, 5.0)
+        # In-flight streams were already given their grace period by uvicorn. Adapters share their base's engine.
+        for engine in dict.fromkeys(g.engine for g in generators.values()):
+            await asyncio.to_thread(engine.shutdown, True, 5.0)
 
     app = FastAPI(title="qt-serve", description="OpenAI-compatible API for small language models",
                   version="0.1.0", lifespan=lifespan)

@@ -188,6 +188,10 @@ def serve_main(argv=None) -> int:
     ap.add_argument("--model", action="append", default=None, metavar="[NAME=]SPEC",
                     help="checkpoint dir, HF Llama dir, .gguf file or known name; repeat as NAME=SPEC to serve "
                          f"several (default {DEFAULT_MODEL})")
+    ap.add_argument("--lora", action="append", default=None, metavar="NAME=DIR[@MODEL]",
+                    help="a LoRA adapter (a peft save_pretrained directory) served as model NAME on the first "
+                         "--model, or on MODEL; repeat for several. Requests for adapters and their base are "
+                         "batched together")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--max-model-len", type=positive, default=4096, help="context length per request (KV cache rows)")
@@ -232,7 +236,7 @@ def serve(args, plugins: list) -> int:
     pages = [(p, options) for p, options in pages if options is not None]
     generators = load_generators(args.model or [DEFAULT_MODEL], dtype=args.dtype, device=args.device,
                                  max_seq_len=args.max_model_len, max_batch=args.max_batch, max_queue=args.max_queue,
-                                 request_timeout=args.request_timeout)
+                                 request_timeout=args.request_timeout, loras=args.lora or [])
     # Loading ran torch on this thread, which gave it an OpenMP team of its own; beside the engine
     # thread's team that is more OpenMP threads than cores, and libgomp then stops spin-waiting:
     # decode ran at 0.7x of in-process (LOG.md). This thread runs no more torch: let its team go.

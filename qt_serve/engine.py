@@ -44,6 +44,7 @@ import torch
 
 from qt_serve.checkpoint import Checkpoint
 from qt_serve.errors import QtError
+from qt_serve.lora import Adapter
 from qt_serve.sequence import Delta, Sequence, check_prompt, eos_ids_of, prefix_len
 from qt_serve.runner import Runner, Segment, TorchRunner
 from qt_serve.sampling import Choice, SamplingParams
@@ -67,6 +68,7 @@ class Request:
     params: SamplingParams | None  # None: score the prompt only, generate nothing
     emit: Callable[[Delta], None]  # called from the worker thread, once per delta
     prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and the top k
+    adapter: int = 0  # the runner's LoRA adapter it runs through (0: none)
     seq: Sequence | None = None  # decoding state, made at admission
     cached: list[int] = field(default_factory=list)  # tokens whose keys/values its cache row holds
     scored: list[Choice] = field(default_factory=list)  # prompt tokens 1.. scored so far
@@ -101,6 +103,7 @@ class Engine:
         # Tokens whose keys/values each free row still holds, so a new prompt sharing a prefix
         # (a system prompt, a chat's history) skips prefilling it.
         self.row_tokens: list[list[int]] = [[] for _ in range(max_batch)]
+        self.row_adapter = [0] * max_batch  # the LoRA adapter those keys/values were computed through
         self.reused_tokens = 0
         # A shared worker steps several engines in one thread: their queues share its condition.
         self.worker = (thread if isinstance(thread, Worker) else Worker()) if thread else None
@@ -113,10 +116,13 @@ class Engine:
             self.worker.add(self)
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, optimize: bool = True, **kw) -> Engine:
+    def load(cls, ckpt: Checkpoint, optimize: bool = True, adapters: list[Adapter] = (), **kw) -> Engine:
         """An engine over a loaded checkpoint: its own runner (ONNX Runtime, ...) or its torch model
-        (whose nn.Linear layers are swapped for fast decode unless told not to)."""
-        runner = ckpt.runner() if ckpt.runner is not None else TorchRunner(ckpt.model, optimize)
+        (whose nn.Linear layers are swapped for fast decode unless told not to), with LoRA `adapters`
+        (`lora.load`) served to requests submitted with adapter=1, 2, ..."""
+        if adapters and ckpt.runner is not None:
+            raise QtError(f"{ckpt.source} runs on its own backend; LoRA adapters are served on torch models only")
+        runner = ckpt.runner() if ckpt.runner is not None else TorchRunner(ckpt.model, optimize, adapters)
         return cls(runner, ckpt.tokenizer, eos_ids_of(ckpt), **kw)
 
     # ---- public API (any thread) ----------------------------------------------------
@@ -136,11 +142,11 @@ class Engine:
             params.check_tokens(self.config.vocab_size)
 
     def submit(self, prompt: list[int], params: SamplingParams | None, emit: Callable[[Delta], None],
-               request_id: str | None = None, prompt_logprobs: int | None = None) -> Request:
+               request_id: str | None = None, prompt_logprobs: int | None = None, adapter: int = 0) -> Request:
         self.validate(prompt, params)
         if params is None and prompt_logprobs is None:
             raise QtError("a request must generate (params) or score its prompt (prompt_logprobs), or both")
-        req = Request(request_id or f"req-{next(self.ids)}", list(prompt), params, emit, prompt_logprobs)
+        req = Request(request_id or f"req-{next(self.ids)}", list(prompt), params, emit, prompt_logprobs, adapter)
         if self.request_timeout is not None:  # time in the queue counts: the client is waiting through it
             req.deadline = req.arrival + self.request_timeout
         with self.cond:
@@ -269,6 +275,7 @@ class Engine:
                 self.runner.copy_prefix(last, i, len(tail.cached))
                 self.running[i] = tail
             self.row_tokens[last] = list(tail.cached)  # the freed row keeps tail's keys/values
+            self.row_adapter[last] = tail.adapter
             self.running.pop()
 
     def _finish(self, req: Request, delta: Delta, error: BaseException | None = None) -> None:
@@ -294,10 +301,13 @@ class Engine:
             req.seq = Sequence(req.prompt, req.params, self.config.vocab_size, self.eos_ids, self.tokenizer,
                                self.max_seq_len, self.runner.device, self.grammars)
         # Reuse the longest cached prefix among this row and the free rows (always run ≥ 1 token for
-        # logits). A scoring request needs every position's logits, so it prefills from 0.
+        # logits). A scoring request needs every position's logits, so it prefills from 0. Keys/values
+        # computed through another LoRA adapter (or none) are another model's: not reused.
         best, start = row, 0
         if req.prompt_logprobs is None:
             for r in [row, *range(len(self.running), self.max_batch)]:
+                if self.row_adapter[r] != req.adapter:
+                    continue
                 common = prefix_len(self.row_tokens[r], req.prompt, len(req.prompt) - 1)
                 if common > start:
                     best, start = r, common
@@ -333,7 +343,7 @@ class Engine:
                 budget -= len(take)
             else:
                 take = [req.seq.tokens[-1]]
-            segments.append(Segment(row, fed, take))
+            segments.append(Segment(row, fed, take, req.adapter))
             req.cached.extend(take)
             if req.prompt_logprobs is not None and fed < len(req.prompt):  # every position: scores
                 rows = list(range(n, n + len(take)))

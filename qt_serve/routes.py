@@ -151,7 +151,7 @@ class Texts:
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request):
-    return ModelList(data=[ModelCard(id=n, created=g.created, max_model_len=g.context)
+    return ModelList(data=[ModelCard(id=n, created=g.created, max_model_len=g.context, root=g.root, parent=g.parent)
                            for n, g in request.app.state.generators.items()])
 
 

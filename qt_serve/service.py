@@ -85,6 +85,8 @@ class Metrics:
 
     def render(self, generators: dict[str, Generator]) -> bytes:
         for name, g in generators.items():
+            if g.parent is not None:  # a LoRA adapter: its base's engine, counted under the base's name
+                continue
             st = g.engine.stats()
             self.queue.labels(name).set(st["waiting"])
             self.running.labels(name).set(st["running"])
@@ -121,11 +123,15 @@ class Tracker:
 
 
 class Generator:
-    """One served model: its engine, tokenizer, request defaults and metrics."""
+    """One served model: its engine, tokenizer, request defaults and metrics. A LoRA adapter is one
+    too: its base's engine, with its requests submitted through `adapter` (`lora.py`), `parent` the
+    base's name and `root` the adapter's directory (as vLLM lists them)."""
 
     def __init__(self, name: str, engine: Engine, generation_config: dict | None = None,
-                 metrics: Metrics | None = None, created: int | None = None):
+                 metrics: Metrics | None = None, created: int | None = None, adapter: int = 0,
+                 parent: str | None = None, root: str | None = None):
         self.name, self.engine = name, engine
+        self.adapter, self.parent, self.root = adapter, parent, root
         self.metrics = metrics or Metrics()
         self.created = created or int(time.time())
         # Values a request leaves unset come from the checkpoint (e.g. SmolLM2's temperature 0.2).
@@ -210,7 +216,7 @@ class Generator:
         itself, waits on a threaded one. Stopping early (Ctrl-C) cancels it and frees its row."""
         out: queue.SimpleQueue[Delta] = queue.SimpleQueue()
         try:
-            req = self.engine.submit(prompt, params, out.put)
+            req = self.engine.submit(prompt, params, out.put, adapter=self.adapter)
         except QtError as e:
             raise request_error(e) from None
         tracker = self.track(req.id, len(prompt))
@@ -253,7 +259,7 @@ class Run:
 
         try:
             for i, (p, sp, k) in enumerate(zip(prompts, params, scores)):
-                self.reqs.append(gen.engine.submit(p, sp, emitter(i), f"{tracker.id}-{i}", k))
+                self.reqs.append(gen.engine.submit(p, sp, emitter(i), f"{tracker.id}-{i}", k, gen.adapter))
         except QtError as e:
             self.close("rejected")
             raise request_error(e) from None

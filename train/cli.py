@@ -1,4 +1,4 @@
-"""`qt-train data | pretrain | plan`: parse flags, call the library (errors print as `error: ...`, exit 2)."""
+"""`qt-train data | pretrain | sft | dpo | merge | pairs | plan`: parse flags, call the library (errors print as `error: ...`, exit 2)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ EXAMPLES = """examples:
   qt-train pretrain --recipe tiny --out runs/tiny
   qt-train pretrain --out runs/tiny --resume
   qt-train plan --recipe 1b --memory-gb 80
+  qt-train sft --init SmolLM2-135M-Instruct --data xsum,squad --out runs/mix
+  qt-train sft --recipe sft-mix --lora-rank 16 --lr 5e-4 --out runs/mix-lora
+  qt-train merge runs/mix-lora/best --out out/mix-merged
+  qt-train pairs --votes ~/.cache/qt/arena.sqlite --out pairs/arena.jsonl
+  qt-train pairs --alpaca SmolLM2-135M-Instruct --holdout 105 --out pairs/alpaca.jsonl
+  qt-train dpo --init SmolLM2-135M-Instruct --data pairs/alpaca.jsonl --out runs/dpo
   torchrun --nproc-per-node 2 -m train.cli pretrain --recipe tiny --out runs/ddp"""
 
 
@@ -71,15 +77,20 @@ def ensure_data(data: dict, seed: int) -> str:
     return str(path)
 
 
-def pretrain_main(args, given: set[str]) -> int:
-    from train.pretrain import Settings, pretrain
-
+def settings_from(args, given: set[str], kind):
+    """`kind` settings from a recipe's [train] overridden by the flags given, and the recipe."""
     recipe = recipes.load(args.recipe) if args.recipe else {"data": {}, "model": {}, "train": {}}
-    names = {f.name for f in dataclasses.fields(Settings)}
+    names = {f.name for f in dataclasses.fields(kind)}
     bad = set(recipe["train"]) - names
     if bad:
         raise QtError(f"recipe {args.recipe}: unknown [train] key(s) {', '.join(sorted(bad))}")
-    values = {**recipe["train"], **{k: getattr(args, k) for k in given}}
+    return {**recipe["train"], **{k: getattr(args, k) for k in given}}, recipe
+
+
+def pretrain_main(args, given: set[str]) -> int:
+    from train.pretrain import Settings, pretrain
+
+    values, recipe = settings_from(args, given, Settings)
     if not args.resume and values.get("data") is None:
         values["data"] = ensure_data(recipe["data"], values.get("seed", 0))
     settings = Settings(**values)
@@ -91,6 +102,32 @@ def pretrain_main(args, given: set[str]) -> int:
     print(f"{report['checkpoint']}: perplexity train {ppl['train']:.2f}, val {ppl['val']:.2f}"
           f"{test}; {report['tokens_per_s']:,.0f} tokens/s, {report['wall_s']:.0f} s "
           f"({report['stopped']}); report: {Path(settings.out) / 'report.json'}")
+    return 0
+
+
+def finetune_main(args, given: set[str]) -> int:
+    from train.finetune import Finetune, Finetuning, Preference, PreferenceTuning
+    from train.pretrain import train
+
+    kind, task = (Finetune, Finetuning) if args.command == "sft" else (Preference, PreferenceTuning)
+    values, recipe = settings_from(args, given, kind)
+    settings = kind(**values)
+    report = train(settings, task, {}, given | set(recipe["train"]))
+    if report["rank"]:
+        return 0
+    val = report[task.loss_name]["val"]
+    extra = "".join(f", {k} {v:.3f}" for k, v in report.get("metrics", {}).get("val", {}).items())
+    print(f"{report['checkpoint']}: val {task.loss_name} {val:.4f}{extra}; {report['trained_params']:,} weights "
+          f"trained, {report['tokens_per_s']:,.0f} tokens/s, {report['wall_s']:.0f} s ({report['stopped']}); "
+          f"report: {Path(settings.out) / 'report.json'}")
+    return 0
+
+
+def merge_main(args) -> int:
+    from train.lora import merge
+
+    out = merge(args.base, args.adapter, args.out, args.dtype)
+    print(f"{out}: {args.adapter} merged into {args.base or 'its base'}; serve it with qt-serve --model {out}")
     return 0
 
 
@@ -120,11 +157,31 @@ def plan_main(args) -> int:
     return 0
 
 
-def add_settings_flags(ap: argparse.ArgumentParser) -> None:
-    """One --flag per `Settings` field, default None so we know which ones the user gave."""
-    from train.pretrain import Settings
+def pairs_main(args) -> int:
+    from train.dpo import alpaca_pairs, export_pairs
 
-    for f in dataclasses.fields(Settings):
+    if args.votes:
+        alpaca_only = [f"--{k.replace('_', '-')}" for k in ("model_name", "against", "limit", "holdout")
+                       if getattr(args, k) is not None]
+        if alpaca_only:
+            raise QtError(f"{', '.join(alpaca_only)} go with --alpaca, not --votes")
+        counts = export_pairs(args.votes, args.out)
+        source = f"{counts['votes']} votes"
+    else:
+        from evals.target import open_target
+
+        counts = alpaca_pairs(open_target(args.alpaca, args.model_name), args.out, args.limit, args.seed,
+                              args.max_tokens, args.holdout or 0, args.against)
+        source = f"{counts['answered']} instructions"
+    left = ", ".join(f"{n} {why}" for why, n in counts["left_out"].items()) or "nothing"
+    held = f"; {counts['heldout']} held out in {counts['heldout_file']}" if counts.get("heldout") else ""
+    print(f"{args.out}: {counts['pairs']} pairs from {source} (left out: {left}){held}")
+    return 0
+
+
+def add_settings_flags(ap: argparse.ArgumentParser, kind) -> None:
+    """One --flag per field of the settings dataclass `kind`, default None so we know which ones the user gave."""
+    for f in dataclasses.fields(kind):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default) if f.default is not None else str
         if f.name == "tdp_watts":
@@ -136,7 +193,7 @@ def add_settings_flags(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="qt-train", description="Make token shards, plan memory, pretrain.",
+    ap = argparse.ArgumentParser(prog="qt-train", description="Make token shards, plan memory, pretrain, fine-tune (SFT, LoRA, DPO).",
                                  epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -151,9 +208,21 @@ def main(argv=None) -> int:
     d.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     d.add_argument("--doc-sep", default=None, help="cut text files into documents at this string (e.g. '\\n\\n')")
 
-    p = sub.add_parser("pretrain", help="train a model from scratch (a recipe, flags, or both)")
-    p.add_argument("--recipe", default=None, help=f"name ({', '.join(recipes.names())}) or a .toml file")
-    add_settings_flags(p)
+    from train.finetune import Finetune, Preference
+    from train.pretrain import Settings
+
+    for name, kind, text in (("pretrain", Settings, "train a model from scratch (a recipe, flags, or both)"),
+                             ("sft", Finetune, "supervised fine-tuning (full or LoRA) on chat data / a task mix"),
+                             ("dpo", Preference, "preference tuning (DPO, full or LoRA) on prompt/chosen/rejected")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--recipe", default=None, help=f"name ({', '.join(recipes.names())}) or a .toml file")
+        add_settings_flags(p, kind)
+
+    m = sub.add_parser("merge", help="LoRA adapter + its base -> one plain checkpoint")
+    m.add_argument("adapter", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    m.add_argument("--base", default=None, help="base checkpoint (default: the adapter's base_model_name_or_path)")
+    m.add_argument("--out", required=True, help="checkpoint directory to write")
+    m.add_argument("--dtype", default=None, help="save as float32 (default), bfloat16 or float16")
 
     pl = sub.add_parser("plan", help="parameter count and memory per micro-batch; does it fit?")
     pl.add_argument("--recipe", default=None, help=f"name ({', '.join(recipes.names())}) or a .toml file")
@@ -164,13 +233,33 @@ def main(argv=None) -> int:
     pl.add_argument("--lora-rank", type=positive, default=16)
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    pr = sub.add_parser("pairs", help="preference pairs for DPO (JSONL) from arena votes or AlpacaEval")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--votes", metavar="SQLITE", help="the arena's vote database: winner chosen, loser rejected")
+    src.add_argument("--alpaca", metavar="MODEL_OR_URL",
+                     help="AlpacaEval: the baseline answer chosen, this model's greedy reply rejected")
+    pr.add_argument("--out", required=True, help="pairs file to write (JSONL)")
+    pr.add_argument("--model-name", default=None, help="which model of the server at --alpaca URL")
+    pr.add_argument("--against", default=None, help="baseline answers file (default AlpacaEval's GPT-4 answers)")
+    pr.add_argument("--limit", type=positive, default=None, help="answer the first N instructions only")
+    pr.add_argument("--holdout", type=int, default=None,
+                    help="keep N seeded-random instructions out, written to OUT_STEM.heldout.json for qt-eval alpaca")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    pr.add_argument("--max-tokens", type=positive, default=512, help="new tokens at most per model reply")
+
     args = ap.parse_args(argv)
     if args.command == "data":
         return run(lambda: data_main(args))
     if args.command == "plan":
         return run(lambda: plan_main(args))
+    if args.command == "pairs":
+        return run(lambda: pairs_main(args))
+    if args.command == "merge":
+        return run(lambda: merge_main(args))
     given = {k for k, v in vars(args).items() if v is not None and k not in ("command", "recipe")}
-    return run(lambda: pretrain_main(args, given))
+    if args.command == "pretrain":
+        return run(lambda: pretrain_main(args, given))
+    return run(lambda: finetune_main(args, given))
 
 
 if __name__ == "__main__":

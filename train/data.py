@@ -310,30 +310,40 @@ class Shards:
         self.splits = {s: TokenSplit(self.dir, self.meta["splits"][s]["files"], dtype) for s in SPLITS}
 
 
-class Windows:
-    """Training rows: non-overlapping (seq_len + 1)-token windows, reshuffled each epoch from a seed.
+class Epochs:
+    """An endless, seeded order over `count` items: row i is item perm_e[i mod count] of epoch
+    e = i div count, each epoch reshuffled from the seed, so any row (and therefore the data position
+    of a resumed run) follows from its index alone."""
 
-    Row i of the endless stream is window perm_e[i mod W] of epoch e = i div W, so any
-    row (and therefore the data position of a resumed run) follows from its index alone.
-    """
-
-    def __init__(self, split: TokenSplit, seq_len: int, seed: int, name: str = "train"):
-        self.split, self.seq_len, self.seed = split, seq_len, seed
-        self.count = (split.n - 1) // seq_len
+    def __init__(self, count: int, seed: int):
+        self.count, self.seed = count, seed
         self._epoch, self._order = None, None
-        if self.count < 1:
-            raise QtError(f"the {name} split holds {split.n} tokens, fewer than one sequence of seq_len + 1 = "
-                          f"{seq_len + 1}; add more text, lower --seq-len, or raise --{name}-frac when making data")
 
     def _perm(self, epoch: int) -> np.ndarray:
         if self._epoch != epoch:  # one epoch's permutation at a time: rows are read in order
             self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.count)
         return self._order
 
+    def items(self, first: int, n: int, shuffle: bool = True) -> np.ndarray:
+        """Item numbers of rows first..first+n-1: (n,) int64; unshuffled, rows cycle through the items in order."""
+        return np.array([self._perm(i // self.count)[i % self.count] if shuffle else i % self.count
+                         for i in range(first, first + n)], dtype=np.int64)
+
+
+class Windows:
+    """Training rows: non-overlapping (seq_len + 1)-token windows of a split, in `Epochs` order."""
+
+    def __init__(self, split: TokenSplit, seq_len: int, seed: int, name: str = "train"):
+        self.split, self.seq_len = split, seq_len
+        self.count = (split.n - 1) // seq_len
+        if self.count < 1:
+            raise QtError(f"the {name} split holds {split.n} tokens, fewer than one sequence of seq_len + 1 = "
+                          f"{seq_len + 1}; add more text, lower --seq-len, or raise --{name}-frac when making data")
+        self.order = Epochs(self.count, seed)
+
     def rows(self, first: int, n: int, shuffle: bool = True) -> np.ndarray:
         """Rows first..first+n-1: (n, seq_len + 1) int64 token ids (inputs [:, :-1], targets [:, 1:])."""
         out = np.empty((n, self.seq_len + 1), dtype=np.int64)
-        for j, i in enumerate(range(first, first + n)):
-            w = self._perm(i // self.count)[i % self.count] if shuffle else i % self.count
+        for j, w in enumerate(self.order.items(first, n, shuffle)):
             out[j] = self.split.read(int(w) * self.seq_len, self.seq_len + 1)
         return out

@@ -24,6 +24,7 @@ Under `torchrun`, the same code runs DDP (gloo on CPU, NCCL on CUDA) or, with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -34,6 +35,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +53,7 @@ from train.data import Shards, Windows
 
 STATE = "train_state.pt"
 # Settings a resumed run may change: they do not touch the numbers it computes.
-OPERATIONAL = {"out", "resume", "log_every", "keep", "compile", "tdp_watts"}
+OPERATIONAL = {"out", "resume", "log_every", "keep", "compile", "grad_checkpointing", "tdp_watts"}
 
 
 def opt(default, help: str):
@@ -59,10 +61,9 @@ def opt(default, help: str):
 
 
 @dataclass
-class Settings:
-    """Every knob of a run; each is also a `qt-train pretrain --flag` and a key of a recipe's [train]."""
+class Loop:
+    """The knobs every run has (pretraining, SFT, DPO); each is a `qt-train ... --flag` and a recipe's [train] key."""
 
-    data: str | None = opt(None, "data directory made by `qt-train data` (default: the recipe's [data])")
     out: str = opt("runs/pretrain", "run directory")
     resume: bool = opt(False, "continue the run in --out from its latest checkpoint")
     seq_len: int = opt(256, "tokens per training sequence")
@@ -78,9 +79,8 @@ class Settings:
     grad_clip: float = opt(1.0, "max global grad norm; 0: off")
     precision: str = opt("fp32", "fp32 or bf16 (autocast over fp32 master weights)")
     compile: bool = opt(False, "torch.compile the model (falls back to eager if compiling fails)")
+    grad_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, ~30% slower")
     seed: int = opt(0, "seed of the init and the data order")
-    init_std: float = opt(0.02, "std of the normal init of matrices")
-    output_bias: bool = opt(False, "LM-head bias initialised to smoothed unigram log-probs of the train split")
     eval_every: int = opt(100, "validate (and sample) every N steps")
     eval_tokens: int = opt(65536, "validation tokens per evaluation")
     patience: int = opt(0, "stop after N evaluations without a better val loss; 0: never")
@@ -105,6 +105,17 @@ class Settings:
             raise QtError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.warmup >= 0 and self.patience >= 0):
             raise QtError("lr must be > 0, min_lr_ratio in [0, 1], warmup and patience ≥ 0")
+
+
+@dataclass
+class Settings(Loop):
+    """Pretraining: the loop's knobs, the token shards and the fresh model's init."""
+
+    task: ClassVar[str] = "pretrain"  # the `qt-train` command; run.json records it
+
+    data: str | None = opt(None, "data directory made by `qt-train data` (default: the recipe's [data])")
+    init_std: float = opt(0.02, "std of the normal init of matrices")
+    output_bias: bool = opt(False, "LM-head bias initialised to smoothed unigram log-probs of the train split")
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -141,6 +152,54 @@ def model_config(model: dict, shards: Shards, s: Settings) -> ModelConfig:
               "pad_token_id": shards.meta["separator_id"], "output_bias": s.output_bias,
               "max_position_embeddings": max(s.seq_len, model.get("max_position_embeddings", 0))}
     return ModelConfig(**{**model, **fields})
+
+
+class Pretraining:
+    """The task of a pretraining run: next-token prediction on token shards, from a fresh model.
+
+    A task gives the trainer its data and loss (SFT and DPO are other tasks, `train.finetune`):
+    `cfg`, `tokenizer`, `data_id`; `splits` (name -> rows, each with a `.count`); `rows(split, first, n,
+    shuffle)` (a batch: name -> numpy array); `build()` (the model to train); `loss(forward, batch)` (mean
+    loss over the batch's targets, their count, extra metrics to average); `prompt()` (ids to sample from).
+    """
+
+    name, loss_name = "pretrain", "cross_entropy"
+
+    def __init__(self, s: Settings, model: dict):
+        if s.data is None:
+            raise QtError("no data: pass --data DIR (made by `qt-train data`) or a recipe with a [data] section")
+        self.s = s
+        self.shards = Shards(s.data)
+        self.tokenizer = self.shards.tokenizer
+        self.cfg = model_config(model, self.shards, s)
+        # The data position is a row number: a resume on remade data (same path) would silently read other rows.
+        self.data_id = hashlib.sha256(json.dumps(self.shards.meta, sort_keys=True).encode()).hexdigest()[:16]
+        self.splits = {"train": Windows(self.shards.splits["train"], s.seq_len, s.seed, "train"),
+                       "val": Windows(self.shards.splits["val"], s.seq_len, s.seed, "val")}
+        # Built now so a too-small test split fails before training, not after; --test-frac 0 makes none.
+        if self.shards.splits["test"].n:
+            self.splits["test"] = Windows(self.shards.splits["test"], s.seq_len, s.seed, "test")
+        self.summary = f"{self.shards.splits['train'].n:,} train tokens"
+
+    def build(self) -> Transformer:
+        model = Transformer(self.cfg)
+        init_weights(model, self.s.init_std)
+        if self.s.output_bias:
+            counts = self.shards.splits["train"].counts(self.cfg.vocab_size)
+            with torch.no_grad():
+                model.lm_head.bias.copy_(unigram_log_probs(counts))
+        return model
+
+    def rows(self, split: str, first: int, n: int, shuffle: bool = True) -> dict[str, np.ndarray]:
+        return {"ids": self.splits[split].rows(first, n, shuffle)}
+
+    def loss(self, forward, batch: dict) -> tuple[torch.Tensor, int, dict]:
+        ids = batch["ids"]
+        logits = forward(ids[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()), ids[:, 1:].numel(), {}
+
+    def prompt(self) -> list[int]:
+        return self.splits["val"].rows(0, 1, shuffle=False)[0, :16].tolist()
 
 
 # ---- processes ------------------------------------------------------------------------
@@ -206,45 +265,47 @@ def eager_fallback(module):
     compiled = torch.compile(module)
     state = {"fn": compiled}
 
-    def call(x):
+    def call(*args):
         if state["fn"] is compiled:
             try:
-                return compiled(x)
+                return compiled(*args)
             except Exception as e:  # a missing compiler, an unsupported op, ...: train eagerly instead
                 print(f"qt-train: torch.compile failed ({type(e).__name__}: {str(e)[:200]}); running eagerly",
                       file=sys.stderr)
                 state["fn"] = module
-        return module(x)
+        return module(*args)
 
     return call
+
+
+def checkpoint_blocks(model: Transformer) -> None:
+    """Gradient checkpointing, from outside the model: each block keeps only its input for backward and
+    recomputes the rest (activation memory ~1/layers of the plan's, for one more forward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 # ---- the run ----------------------------------------------------------------------------
 
 
 class Trainer:
-    def __init__(self, s: Settings, model_fields: dict):
-        self.s, self.dist = s, Dist(s.device)
+    def __init__(self, s: Loop, task, dist_: Dist):
+        self.s, self.task, self.dist = s, task, dist_
         self.out = Path(s.out)
-        self.shards = Shards(s.data)
-        self.cfg = model_config(model_fields, self.shards, s)
-        self.train_rows = Windows(self.shards.splits["train"], s.seq_len, s.seed, "train")
-        self.val_rows = Windows(self.shards.splits["val"], s.seq_len, s.seed, "val")
-        # Built now so a too-small test split fails before training, not after; --test-frac 0 makes none.
-        test = self.shards.splits["test"]
-        self.test_rows = Windows(test, s.seq_len, s.seed, "test") if test.n else None
+        self.cfg = task.cfg
         self.global_batch = s.micro_batch * s.accum * self.dist.world
         torch.manual_seed(s.seed)
-        self.model = Transformer(self.cfg)
-        init_weights(self.model, s.init_std)
-        if s.output_bias:
-            counts = self.shards.splits["train"].counts(self.cfg.vocab_size)
-            with torch.no_grad():
-                self.model.lm_head.bias.copy_(unigram_log_probs(counts))
+        self.model = task.build()
+        self.adapter = getattr(task, "adapter", None)  # LoRA: only the adapter is trained and saved
         self.model.to(self.dist.device).train()
+        if s.grad_checkpointing:
+            checkpoint_blocks(self.model)
         self.wrapped = self._parallel()  # before the optimizer: FSDP swaps the parameters for shards
-        decay = [p for p in self.model.parameters() if p.dim() >= 2]
-        rest = [p for p in self.model.parameters() if p.dim() < 2]
+        self.trained = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in self.trained if p.dim() >= 2]
+        rest = [p for p in self.trained if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
                                       {"params": rest, "weight_decay": 0.0}], lr=s.lr, betas=(s.beta1, s.beta2))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
@@ -259,6 +320,9 @@ class Trainer:
             return self.model
         if self.s.fsdp:
             from torch.distributed.fsdp import fully_shard
+
+            if self.adapter:
+                raise QtError("--fsdp with LoRA is not supported (the adapter is small: use DDP, the default)")
 
             for block in self.model.model.layers:
                 fully_shard(block)
@@ -296,9 +360,13 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         st = torch.load(directory / STATE, weights_only=False)
-        weights = load_file(str(directory / "model.safetensors"))
-        if self.cfg.tie_word_embeddings:
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        if self.adapter:  # the frozen base is the one built; the adapter's weights come from the directory
+            self.adapter.load(directory)
+            weights = {k: v for k, v in self.model.state_dict().items() if "lora_" in k}
+        else:
+            weights = load_file(str(directory / "model.safetensors"))
+            if self.cfg.tie_word_embeddings:
+                weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         set_state_dict(self.wrapped, self.opt, model_state_dict=weights, optim_state_dict=st["optimizer"],
                        options=StateDictOptions(full_state_dict=True, strict=False))
         self.sched.load_state_dict(st["scheduler"])
@@ -312,14 +380,17 @@ class Trainer:
     def save(self, directory: Path, state: dict) -> Path:
         """Checkpoint + train state into `directory`, atomically; rank 0 writes, every rank calls."""
         if self.dist.main:
-            with torch.device("meta"):
-                model = Transformer(self.cfg)
-            model.load_state_dict(state["model"], assign=True)
-            if self.cfg.tie_word_embeddings:
-                model.lm_head.weight = model.model.embed_tokens.weight
             try:
-                save_checkpoint(directory, model, self.shards.tokenizer,
-                                extra=lambda d: torch.save(state["train"], d / STATE))
+                if self.adapter:
+                    self.adapter.save(directory, extra=lambda d: torch.save(state["train"], d / STATE))
+                else:
+                    with torch.device("meta"):
+                        model = Transformer(self.cfg)
+                    model.load_state_dict(state["model"], assign=True)
+                    if self.cfg.tie_word_embeddings:
+                        model.lm_head.weight = model.model.embed_tokens.weight
+                    save_checkpoint(directory, model, self.task.tokenizer,
+                                    extra=lambda d: torch.save(state["train"], d / STATE))
             except OSError as e:  # e.g. a full disk: the temp dir is gone, older checkpoints untouched
                 prev = latest_checkpoint(self.out)
                 raise QtError(f"saving {directory} failed ({e}); "
@@ -337,19 +408,26 @@ class Trainer:
 
     # ---- evaluation ----
 
+    def batch(self, split: str, first: int, n: int, shuffle: bool = True) -> dict[str, torch.Tensor]:
+        rows = self.task.rows(split, first, n, shuffle)
+        return {k: torch.from_numpy(v).to(self.dist.device, non_blocking=True) for k, v in rows.items()}
+
     @torch.no_grad()
-    def evaluate(self, rows: Windows, max_tokens: int) -> float:
-        """Mean cross-entropy over the split's first windows in order (every rank computes the same)."""
-        n = min(rows.count, max(1, max_tokens // self.s.seq_len))
+    def evaluate(self, split: str, max_tokens: int) -> tuple[float, dict]:
+        """The task's loss over the split's first rows in order, weighted by their targets, and its metrics
+        (every rank computes the same)."""
+        n = min(self.task.splits[split].count, max(1, max_tokens // self.s.seq_len))
         self.model.eval()
-        total = 0.0
+        total, count, metrics = 0.0, 0, {}
         for a in range(0, n, self.s.micro_batch):
-            batch = torch.from_numpy(rows.rows(a, min(self.s.micro_batch, n - a), shuffle=False)).to(self.dist.device)
             with self.autocast:
-                logits = self.wrapped(batch[:, :-1])
-            total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+                loss, k, extra = self.task.loss(self.wrapped, self.batch(split, a, min(self.s.micro_batch, n - a),
+                                                                          shuffle=False))
+            total, count = total + loss.item() * k, count + k
+            for name, v in extra.items():
+                metrics[name] = metrics.get(name, 0.0) + v * k
         self.model.train()
-        return total / (n * self.s.seq_len)
+        return total / max(count, 1), {name: v / max(count, 1) for name, v in metrics.items()}
 
     @torch.no_grad()
     def sample(self) -> str:
@@ -360,10 +438,10 @@ class Trainer:
         if self.s.fsdp and self.dist.world > 1:
             return ""  # the weights are sharded across ranks
         self.model.eval()
-        prompt = self.val_rows.rows(0, 1, shuffle=False)[0, :16].tolist()
-        llm = LLM(Checkpoint(self.model, self.shards.tokenizer, {}, "training"), optimize=False)
+        prompt = self.task.prompt()
+        llm = LLM(Checkpoint(self.model, self.task.tokenizer, {}, "training"), optimize=False)
         params = SamplingParams(max_tokens=self.s.sample_tokens, temperature=0.8, top_p=0.95, seed=0)
-        text = self.shards.tokenizer.decode(prompt) + llm.generate(prompt, params).text
+        text = self.task.tokenizer.decode(prompt) + llm.generate(prompt, params).text
         self.model.train()
         return text
 
@@ -374,15 +452,13 @@ class Trainer:
         s, loss_sum = self.s, 0.0
         base = self.step * self.global_batch + self.dist.rank * s.accum * s.micro_batch
         for j in range(s.accum):
-            batch = torch.from_numpy(self.train_rows.rows(base + j * s.micro_batch, s.micro_batch))
-            batch = batch.to(self.dist.device, non_blocking=True)
+            batch = self.batch("train", base + j * s.micro_batch, s.micro_batch)
             with self._sync_grads(j == s.accum - 1):
                 with self.autocast:
-                    logits = self.forward(batch[:, :-1])
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()) / s.accum
+                    loss = self.task.loss(self.forward, batch)[0] / s.accum
                 loss.backward()
             loss_sum += loss.item()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), s.grad_clip if s.grad_clip > 0 else math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(self.trained, s.grad_clip if s.grad_clip > 0 else math.inf)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
@@ -397,13 +473,15 @@ class Trainer:
         fpt = planner.flops_per_token(self.cfg, s.seq_len)
         if d.main:
             n = planner.count_params(self.cfg)
-            print(f"qt-train: {n['total'] / 1e6:.2f}M parameters ({n['non_embedding'] / 1e6:.2f}M non-embedding), "
-                  f"{self.shards.splits['train'].n:,} train tokens, {d.world} process(es) on {d.device}, "
+            trained = sum(p.numel() for p in self.trained)
+            print(f"qt-train: {n['total'] / 1e6:.2f}M parameters ({n['non_embedding'] / 1e6:.2f}M non-embedding"
+                  f"{f', {trained:,} trained' if self.adapter else ''}), "
+                  f"{self.task.summary}, {d.world} process(es) on {d.device}, "
                   f"global batch {self.global_batch} x {s.seq_len} tokens\nqt-train: peak {assumption}; energy "
                   f"{progress.energy(watts, 0)['assumption']}", file=sys.stderr)
         metrics = progress.Metrics(self.out, self.step) if d.main else None
         bar = tqdm(total=s.max_steps, initial=self.step, disable=not d.main or None, dynamic_ncols=True,
-                   desc="pretrain")
+                   desc=self.task.name)
         stop, interrupt, sample, reason = False, Interrupt(), "", "max_steps"
         if s.patience and self.bad_evals >= s.patience:  # a resumed early-stopped run stays stopped
             stop, reason = True, self._early_stop()
@@ -442,13 +520,15 @@ class Trainer:
 
     def _validate(self, metrics, bar):
         """Evaluate, keep the best checkpoint, count patience: (stop, reason, sample)."""
-        val = self.evaluate(self.val_rows, self.s.eval_tokens)
+        val, extra = self.evaluate("val", self.s.eval_tokens)
         improved = val < self.best
         self.best, self.bad_evals = (val, 0) if improved else (self.best, self.bad_evals + 1)
         sample = self.sample() if self.dist.main else ""
         if self.dist.main:
-            metrics.log(self.step, val_loss=val, val_ppl=math.exp(min(val, 50)), sample=sample)
-            bar.write(f"step {self.step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f})"
+            extra = {f"val_{k}": v for k, v in extra.items()}
+            metrics.log(self.step, val_loss=val, val_ppl=math.exp(min(val, 50)), sample=sample, **extra)
+            shown = "".join(f", {k} {v:.3f}" for k, v in extra.items())
+            bar.write(f"step {self.step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f}{shown})"
                       f"{' best' if improved else ''}\n  sample: {sample[-300:]!r}")
         if improved:
             self.save(self.out / "best", self.state())
@@ -460,20 +540,22 @@ class Trainer:
         return f"early stop: no val improvement in {self.s.patience} evaluations"
 
     def _report(self, reason, sample, tok_s, wall, fpt, peak, watts, assumption) -> dict:
-        """CE and perplexity of the best checkpoint (else the last weights) on train / val / test."""
+        """The task's loss (for cross-entropy tasks also perplexity) of the best checkpoint (else the last
+        weights) on each split, and its other metrics."""
         best = self.out / "best"
         step, tokens, elapsed = self.step, self.tokens, self.elapsed  # load() rewinds these to best's
         if (best / STATE).exists():
             self.load(best)
-        ce = {"train": self.evaluate(self.train_rows, self.s.eval_tokens * 4),
-              "val": self.evaluate(self.val_rows, 1 << 20)}
-        if self.test_rows:
-            ce["test"] = self.evaluate(self.test_rows, 1 << 20)
+        ce, extra = {}, {}
+        for split in self.task.splits:
+            ce[split], extra[split] = self.evaluate(split, self.s.eval_tokens * 4 if split == "train" else 1 << 20)
         report = {
             "checkpoint": str(best if best.exists() else latest_checkpoint(self.out)), "stopped": reason,
-            "step": step, "best_step_val_loss": self.best, "tokens": tokens,
-            "cross_entropy": ce, "perplexity": {k: math.exp(v) for k, v in ce.items()},
-            "params": planner.count_params(self.cfg), "wall_s": wall, "train_s_total": elapsed,
+            "step": step, "best_step_val_loss": self.best, "tokens": tokens, self.task.loss_name: ce,
+            **({"perplexity": {k: math.exp(v) for k, v in ce.items()}} if self.task.loss_name == "cross_entropy"
+               else {}), **({"metrics": extra} if any(extra.values()) else {}),
+            "params": planner.count_params(self.cfg), "trained_params": sum(p.numel() for p in self.trained),
+            "wall_s": wall, "train_s_total": elapsed,
             "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak if peak else None, "peak_assumption": assumption,
             "flops_per_token": fpt, "energy": progress.energy(watts, wall), "sample": sample,
             "settings": dataclasses.asdict(self.s), "world_size": self.dist.world, "rank": self.dist.rank,
@@ -498,10 +580,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def check_resume(run_dir: Path, s: Settings, model: dict, given: set[str]) -> tuple[Settings, dict]:
+def check_resume(run_dir: Path, s: Loop, model: dict, given: set[str]) -> tuple[Loop, dict]:
     """Settings and model of the run being resumed; a given setting that differs is refused by name."""
     saved = read_json(run_dir / "run.json")
-    old = Settings(**{**saved["settings"], "out": s.out, "resume": True})
+    if saved.get("task", "pretrain") != s.task:
+        raise QtError(f"{run_dir} holds a {saved.get('task', 'pretrain')} run, not {s.task}; resume it with "
+                      f"`qt-train {saved.get('task', 'pretrain')} --out {run_dir} --resume`")
+    old = type(s)(**{**saved["settings"], "out": s.out, "resume": True})
     for name in sorted(given - OPERATIONAL):
         if getattr(s, name) != getattr(old, name):
             raise QtError(f"{run_dir} was trained with {name}={getattr(old, name)!r} but this run asks for "
@@ -514,8 +599,9 @@ def check_resume(run_dir: Path, s: Settings, model: dict, given: set[str]) -> tu
     return dataclasses.replace(old, **{k: getattr(s, k) for k in given & OPERATIONAL}), saved["model"]
 
 
-def pretrain(s: Settings, model: dict, given: set[str] | None = None) -> dict:
-    """Train (or resume) a run; returns the report. `given`: setting names the user set explicitly."""
+def train(s: Loop, make_task, model: dict, given: set[str] | None = None) -> dict:
+    """Train (or resume) a run of the task `make_task(settings, model)` builds; returns the report.
+    `given`: setting names the user set explicitly."""
     run_dir = Path(s.out)
     if (run_dir / "run.json").exists():
         if not s.resume:
@@ -523,27 +609,32 @@ def pretrain(s: Settings, model: dict, given: set[str] | None = None) -> dict:
         s, model = check_resume(run_dir, s, model, set(given or ()) | {"resume"})
     elif s.resume:
         raise QtError(f"nothing to resume in {run_dir} (no run.json); leave out --resume to start a new run")
-    if s.data is None:
-        raise QtError("no data: pass --data DIR (made by `qt-train data`) or a recipe with a [data] section")
     # Read before rank 0 rewrites run.json below (other ranks would race it).
     saved_id = read_json(run_dir / "run.json").get("data_id") if s.resume else None
-    trainer = Trainer(s, model)
-    # The data position is a row number: a resume on remade data (same path) would silently read other rows.
-    data_id = hashlib.sha256(json.dumps(trainer.shards.meta, sort_keys=True).encode()).hexdigest()[:16]
-    if saved_id not in (None, data_id):
-        raise QtError(f"{s.data} was remade since {run_dir} started (its meta.json differs); resume on the data "
-                      "it was trained on, or start a new run with another --out")
-    if trainer.dist.main:
+    place = Dist(s.device)
+    task = make_task(s, model)
+    if saved_id not in (None, task.data_id):
+        raise QtError(f"the data of {run_dir} was remade since it started (its data id differs); resume on the "
+                      "data it was trained on, or start a new run with another --out")
+    trainer = Trainer(s, task, place)
+    if place.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run.json").write_text(json.dumps({"settings": dataclasses.asdict(s), "model": model,
-                                                      "data_id": data_id}, indent=2))
+        (run_dir / "run.json").write_text(json.dumps({"task": s.task, "settings": dataclasses.asdict(s),
+                                                      "model": model, "data_id": task.data_id}, indent=2))
+        for name, record in getattr(task, "records", {}).items():  # e.g. the fine-tuning mix
+            (run_dir / name).write_text(json.dumps(record, indent=2) + "\n")
     ckpt = latest_checkpoint(run_dir) if s.resume else None
     if ckpt is not None:
         trainer.load(ckpt)
-        if trainer.dist.main:
+        if place.main:
             print(f"qt-train: resumed from {ckpt} (step {trainer.step})", file=sys.stderr)
     try:
         return trainer.run()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def pretrain(s: Settings, model: dict, given: set[str] | None = None) -> dict:
+    """Pretrain (or resume) a run from scratch on token shards; returns the report."""
+    return train(s, Pretraining, model, given)
