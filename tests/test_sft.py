@@ -209,17 +209,22 @@ def test_cli_sft_and_bad_input(tmp_path, base, chats_file, capsys):
     assert "exceeds" in capsys.readouterr().err
 
 
-def test_dpo_learns_held_out_preferences(tmp_path, base):
-    """Chosen replies repeat the colour asked for, rejected ones name another: after DPO the policy
-    prefers the chosen reply of held-out pairs (at the start every reward is 0: accuracy 0, margin 0)."""
+def colour_pairs(path: Path) -> Path:
+    """Chosen replies repeat the colour asked for, rejected ones name another; one row is a tie."""
     rng = np.random.default_rng(1)
     rows = []
     for i in range(60):
         w, other = rng.choice(WORDS, size=2, replace=False)
         rows.append({"prompt": f"say {w}", "chosen": f"{w} {w}", "rejected": f"{other} {other}", "id": str(i)})
     rows.append({"prompt": "say red", "chosen": "same", "rejected": "same"})  # skipped, counted
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_dpo_learns_held_out_preferences(tmp_path, base):
+    """After DPO the policy prefers the chosen reply of held-out pairs (at the start every reward is 0:
+    accuracy 0, margin 0)."""
+    pairs = colour_pairs(tmp_path / "pairs.jsonl")
     s = Preference(init=str(base), data=str(pairs), out=str(tmp_path / "dpo"), max_steps=30, lr=3e-3, beta=0.5,
                    **{**FAST, "eval_every": 30})
     report = train(s, PreferenceTuning, {})
@@ -229,3 +234,27 @@ def test_dpo_learns_held_out_preferences(tmp_path, base):
     record = json.loads((tmp_path / "dpo" / "pairs.json").read_text())
     assert sum(record["read_skipped"].values()) == 1
     assert record["splits"]["val"]["encoded"] == 12
+
+
+def test_plan_counts_the_trainable_weights_lora_makes(base):
+    """The planner's LoRA parameter count (arithmetic on the config) equals what peft puts on the model."""
+    from train import lora, planner
+
+    model = load(base, dtype="float32").model
+    lora.Lora(model, 8, 16.0, 0.0, list(lora.ALL_LINEAR), str(base))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = planner.plan(model.config, 64, 1, 2**30, lora_rank=8)
+    assert plan["modes"]["lora"]["trainable"] == plan["modes"]["qlora"]["trainable"] == trained
+    assert plan["modes"]["qlora"]["weights"] < plan["modes"]["lora"]["weights"]
+
+
+def test_dpo_with_lora_trains_only_the_adapter(tmp_path, base):
+    from safetensors.torch import load_file
+
+    pairs = colour_pairs(tmp_path / "pairs.jsonl")
+    s = Preference(init=str(base), data=str(pairs), out=str(tmp_path / "dpo"), max_steps=4, lr=1e-2, lora_rank=4,
+                   lora_dropout=0.0, **{**FAST, "eval_every": 4, "save_every": 4})
+    report = train(s, PreferenceTuning, {})
+    adapter = load_file(str(tmp_path / "dpo" / "best" / "adapter_model.safetensors"))
+    assert report["trained_params"] == sum(v.numel() for v in adapter.values()) < report["params"]["total"] / 10
+    assert report["metrics"]["val"]["reward_margin"] > 0  # the adapter moved the policy the right way

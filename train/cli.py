@@ -118,7 +118,8 @@ def finetune_main(args, given: set[str]) -> int:
     val = report[task.loss_name]["val"]
     extra = "".join(f", {k} {v:.3f}" for k, v in report.get("metrics", {}).get("val", {}).items())
     print(f"{report['checkpoint']}: val {task.loss_name} {val:.4f}{extra}; {report['trained_params']:,} weights "
-          f"trained, {report['tokens_per_s']:,.0f} tokens/s, {report['wall_s']:.0f} s ({report['stopped']}); "
+          f"trained, {report['tokens_per_s']:,.0f} tokens/s, peak {report['peak_memory']['host_rss_gib']:.1f} GiB "
+          f"resident, {report['wall_s']:.0f} s ({report['stopped']}); "
           f"report: {Path(settings.out) / 'report.json'}")
     return 0
 

@@ -33,7 +33,7 @@ from qt_serve.checkpoint import load
 from qt_serve.errors import QtError
 from train import chats, dpo, lora, sft
 from train.data import Epochs
-from train.pretrain import Loop, opt
+from train.pretrain import Loop, opt, pick_device
 
 
 @dataclass
@@ -230,15 +230,20 @@ class PreferenceTuning(Tuning):
 
     @torch.no_grad()
     def reference_logps(self, model) -> None:
-        """Each reply's summed log-prob under the reference, once, before any weight moves."""
-        model.eval()
+        """Each reply's summed log-prob under the reference, once, before any weight moves, at the precision
+        the policy trains in (so the policy starts with rewards of exactly 0)."""
+        device = pick_device(self.s.device)
+        model.to(device).eval()
+        bf16 = self.s.precision == "bf16"
         for rows in self.splits.values():
             for a in range(0, rows.count, self.s.micro_batch):
                 idx = np.arange(a, min(a + self.s.micro_batch, rows.count))
                 b = rows.batch(idx)
-                logps = dpo.sequence_logps(model(torch.from_numpy(b["inputs"])), torch.from_numpy(b["targets"]),
-                                           torch.from_numpy(b["mask"]))
-                rows.ref[idx] = logps.view(2, -1).T.double().numpy()
+                b = {k: torch.from_numpy(v).to(device) for k, v in b.items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(b["inputs"])
+                logps = dpo.sequence_logps(logits, b["targets"], b["mask"])
+                rows.ref[idx] = logps.view(2, -1).T.double().cpu().numpy()
         model.train()
 
     def rows(self, split: str, first: int, n: int, shuffle: bool = True) -> dict[str, np.ndarray]:

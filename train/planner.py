@@ -5,7 +5,12 @@ Bytes per parameter P (AdamW keeps two fp32 moments):
     mode   weights                  grads        optimizer   activations
     fp32   4P                       4P           8P          fp32
     bf16   4P master + 2P cast copy 4P           8P          bf16 (autocast keeps fp32 master weights)
-    lora   2P frozen bf16 base      4 per LoRA   8 per LoRA  bf16 (rank-r adapters on every projection)
+    lora   4P frozen base + 4 per LoRA  4 per LoRA  8 per LoRA  bf16 (rank-r adapters on every projection)
+    qlora  0.5625 per block matmul weight (NF4 + an fp32 absmax per 64) + 4 per other weight + 4 per LoRA;
+           grads and optimizer as lora                                 (`qt-train sft --qlora`, CUDA only)
+
+(`qt-train sft --lora-rank R` keeps the frozen base in fp32 and trains under bf16 autocast with
+`--precision bf16`, so LoRA saves the gradients and optimizer state of the base, not its weights.)
 
 Activations per token and layer are what backward keeps (memory-efficient attention
 assumed: no seq x seq score matrix): the block input and its two RMSNorm outputs,
@@ -20,7 +25,8 @@ from __future__ import annotations
 from qt_serve.config import ModelConfig
 from qt_serve.errors import QtError
 
-MODES = ("fp32", "bf16", "lora")
+MODES = ("fp32", "bf16", "lora", "qlora")
+NF4_BYTES = 0.5 + 4 / 64  # 4-bit codes plus one fp32 scale per block of 64 (bitsandbytes' default)
 HEADROOM = 0.9  # fraction of device memory a plan may use
 
 
@@ -64,15 +70,17 @@ def plan(cfg: ModelConfig, seq_len: int, micro_batch: int, memory_bytes: float, 
                       f"{cfg.max_position_embeddings}")
     p = count_params(cfg)
     P, lora = p["total"], p["lora_per_rank"] * lora_rank
+    matmul = cfg.num_hidden_layers * _block_matmul(cfg)  # what QLoRA quantizes
     static = {"fp32": (4 * P, 4 * P, 8 * P), "bf16": (6 * P, 4 * P, 8 * P),
-              "lora": (2 * P + 4 * lora, 4 * lora, 8 * lora)}
+              "lora": (4 * P + 4 * lora, 4 * lora, 8 * lora),
+              "qlora": (NF4_BYTES * matmul + 4 * (P - matmul) + 4 * lora, 4 * lora, 8 * lora)}
     usable = memory_bytes * HEADROOM
     out = {"params": p, "seq_len": seq_len, "micro_batch": micro_batch, "memory": memory_bytes,
            "usable": usable, "lora_rank": lora_rank, "modes": {}}
     for mode, (w, g, o) in static.items():
         act = activation_bytes(cfg, seq_len, 4 if mode == "fp32" else 2)
         total = w + g + o + micro_batch * act
-        out["modes"][mode] = {"weights": w, "grads": g, "optimizer": o, "activations_per_seq": act,
+        out["modes"][mode] = {"trainable": lora if "lora" in mode else P, "weights": w, "grads": g, "optimizer": o, "activations_per_seq": act,
                               "activations": micro_batch * act, "total": total, "fits": total <= usable,
                               "max_micro_batch": max(0, int((usable - w - g - o) // act))}
     return out
@@ -88,10 +96,10 @@ def format_plan(pl: dict) -> str:
               f"{p['non_embedding'] / 1e6:.2f}M non-embedding"),
              (f"device memory {gib(pl['memory'])}, usable {gib(pl['usable'])} ({HEADROOM:.0%}); "
               f"micro-batch {pl['micro_batch']} x seq_len {pl['seq_len']}; LoRA rank {pl['lora_rank']}"),
-             (f"{'mode':<6}{'weights':>12}{'grads':>12}{'optimizer':>12}{'act/seq':>12}{'act/batch':>12}"
+             (f"{'mode':<6}{'trainable':>12}{'weights':>12}{'grads':>12}{'optimizer':>12}{'act/seq':>12}{'act/batch':>12}"
               f"{'total':>12}  fits  max micro-batch")]
     for mode, r in pl["modes"].items():
-        lines.append(f"{mode:<6}" + "".join(f"{gib(r[k]):>12}" for k in
+        lines.append(f"{mode:<6}{r['trainable'] / 1e6:>11.2f}M" + "".join(f"{gib(r[k]):>12}" for k in
                                             ("weights", "grads", "optimizer", "activations_per_seq",
                                              "activations", "total"))
                      + f"  {'yes' if r['fits'] else 'NO ':<4}  {r['max_micro_batch']}")

@@ -205,16 +205,20 @@ class Pretraining:
 # ---- processes ------------------------------------------------------------------------
 
 
+def pick_device(name: str) -> torch.device:
+    """`auto`: this process' GPU under torchrun (cuda:LOCAL_RANK) when there is one, else the CPU."""
+    if name == "auto":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 class Dist:
     """This process' place under torchrun (or a lone process): rank, world size, device."""
 
     def __init__(self, device: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "auto":
-            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = pick_device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
@@ -555,7 +559,7 @@ class Trainer:
             **({"perplexity": {k: math.exp(v) for k, v in ce.items()}} if self.task.loss_name == "cross_entropy"
                else {}), **({"metrics": extra} if any(extra.values()) else {}),
             "params": planner.count_params(self.cfg), "trained_params": sum(p.numel() for p in self.trained),
-            "wall_s": wall, "train_s_total": elapsed,
+            "wall_s": wall, "train_s_total": elapsed, "peak_memory": progress.peak_memory(self.dist.device),
             "tokens_per_s": tok_s, "mfu": tok_s * fpt / peak if peak else None, "peak_assumption": assumption,
             "flops_per_token": fpt, "energy": progress.energy(watts, wall), "sample": sample,
             "settings": dataclasses.asdict(self.s), "world_size": self.dist.world, "rank": self.dist.rank,

@@ -56,6 +56,17 @@ def device_peak(device: torch.device, precision: str, world: int) -> tuple[float
              f"{peak / 1e9:.0f} GFLOP/s; {CPU_WATTS_PER_CORE:g} W per core"))
 
 
+def peak_memory(device: torch.device) -> dict:
+    """The most memory this process has held: the GPU's allocator peak on CUDA, else the resident set
+    (ru_maxrss: weights, optimizer, activations, and the Python and library overhead)."""
+    import resource
+
+    out = {"host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+    if device.type == "cuda":
+        out["cuda_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
 def energy(watts: float, seconds: float) -> dict:
     kwh = watts * seconds / 3.6e6
     return {"watts_assumed": watts, "kwh": kwh, "kg_co2": kwh * GRID_KG_PER_KWH,

@@ -2,7 +2,9 @@
 
 [data] says how `qt-train pretrain` builds its shards when no --data is given (`train.data.prepare`
 arguments), [model] holds `ModelConfig` fields (the vocabulary size comes from the data), and
-[train] holds `train.pretrain.Settings` fields. Flags given on the command line override [train].
+[train] holds the settings of the command the recipe is for: `train.pretrain.Settings` (pretrain), or
+`train.finetune.Finetune` / `Preference` (sft / dpo: a [train] section alone, e.g. `sft-mix`). Flags given
+on the command line override [train].
 """
 
 from __future__ import annotations
