@@ -258,3 +258,17 @@ def test_dpo_with_lora_trains_only_the_adapter(tmp_path, base):
     adapter = load_file(str(tmp_path / "dpo" / "best" / "adapter_model.safetensors"))
     assert report["trained_params"] == sum(v.numel() for v in adapter.values()) < report["params"]["total"] / 10
     assert report["metrics"]["val"]["reward_margin"] > 0  # the adapter moved the policy the right way
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, base, chats_file):
+    """Recomputing each block in backward changes memory, not the numbers."""
+    from safetensors.torch import load_file
+
+    run_sft(tmp_path, base, chats_file, "plain", max_steps=2, lr=1e-3, save_every=2, eval_every=2)
+    run_sft(tmp_path, base, chats_file, "ckpt", max_steps=2, lr=1e-3, save_every=2, eval_every=2,
+            grad_checkpointing=True)
+    a = load_file(str(latest_checkpoint(tmp_path / "plain") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(tmp_path / "ckpt") / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"],
+                           load_file(str(base / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"])
