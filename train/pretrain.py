@@ -529,10 +529,12 @@ class Trainer:
         self.best, self.bad_evals = (val, 0) if improved else (self.best, self.bad_evals + 1)
         sample = self.sample() if self.dist.main else ""
         if self.dist.main:
+            if self.task.loss_name == "cross_entropy":  # a perplexity only means something for these
+                extra = {"ppl": math.exp(min(val, 50)), **extra}
             extra = {f"val_{k}": v for k, v in extra.items()}
-            metrics.log(self.step, val_loss=val, val_ppl=math.exp(min(val, 50)), sample=sample, **extra)
-            shown = "".join(f", {k} {v:.3f}" for k, v in extra.items())
-            bar.write(f"step {self.step}: val loss {val:.4f} (ppl {math.exp(min(val, 50)):.1f}{shown})"
+            metrics.log(self.step, val_loss=val, sample=sample, **extra)
+            shown = ", ".join(f"{k[4:]} {v:.3f}" for k, v in extra.items())
+            bar.write(f"step {self.step}: val loss {val:.4f}{f' ({shown})' if shown else ''}"
                       f"{' best' if improved else ''}\n  sample: {sample[-300:]!r}")
         if improved:
             self.save(self.out / "best", self.state())
