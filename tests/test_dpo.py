@@ -136,7 +136,7 @@ def test_encode_pair_masks_the_final_reply_only(tokenizer):
     assert reply_text(tokenizer, e.rejected_ids, e.rejected_mask) == "No."
     long = Pair([U], "Hello! " * 50, "No.", "y")
     kept, skipped = dpo.encode_pairs(tokenizer, [pair, long], len(e.chosen_ids))
-    assert [k.id for k in kept] == ["x"] and skipped == Counter({dpo.TOO_LONG: 1})
+    assert [k.id for k in kept] == ["x"] and skipped == Counter({f"longer than {len(e.chosen_ids)} tokens": 1})
 
 
 def test_collate_shifts_and_pads():

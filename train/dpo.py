@@ -45,7 +45,6 @@ DIFFERENT = "chosen and rejected continue different conversations"
 NOT_USER = "prompt not ending in a user turn"
 EMPTY = "empty reply"
 SAME = "chosen equals rejected"
-TOO_LONG = "longer than max_len tokens"
 EXPECTED = ("rows with 'prompt' (a string, or chat messages ending in a user turn), 'chosen' and 'rejected' "
             "(strings, or messages ending in the assistant's reply)")
 
@@ -224,7 +223,7 @@ def encode_pairs(tokenizer, pairs: list[Pair], max_len: int) -> tuple[list[Encod
     for p in pairs:
         e = encode_pair(tokenizer, p, max_len)
         if e is None:
-            skipped[TOO_LONG] += 1
+            skipped[f"longer than {max_len} tokens"] += 1
         else:
             out.append(e)
     return out, skipped
