@@ -315,7 +315,8 @@ def _oasst(rows: list[tuple[str, dict]], skipped: Skipped) -> list[Chat]:
 # ---- files -------------------------------------------------------------------------------------------
 
 
-def _parquet(path: Path) -> list:
+def read_parquet(path: Path) -> list[dict]:
+    """A Parquet file's rows as dicts (pyarrow; a missing pyarrow or a corrupt file is a QtError)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -329,7 +330,7 @@ def _parquet(path: Path) -> list:
 def _load(path: Path, skipped: Skipped) -> tuple[list[tuple[str, dict]], int]:
     """The file's rows that are JSON objects as (where, row), and how many rows it has in all."""
     if path.suffix == ".parquet":
-        rows = [(f"{path.name} row {i}", r) for i, r in enumerate(_parquet(path), 1)]
+        rows = [(f"{path.name} row {i}", r) for i, r in enumerate(read_parquet(path), 1)]
     else:
         try:
             text = path.read_text(encoding="utf-8")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from qt_serve.errors import QtError
+from train.chats import Skipped, read_parquet
 
 # Why a row of a pairs file is skipped.
 BAD_JSON = "bad JSON"
@@ -140,18 +140,10 @@ def parse_pair(row, default_id: str) -> Pair | str:
     return Pair(prompt, c[1], r[1], default_id if row.get("id") is None else str(row["id"]))
 
 
-def _rows(path: Path, skipped: Counter):
+def _rows(path: Path, skipped: Skipped):
     """(1-based line or row number, row) of a JSONL or Parquet file; bad JSON lines counted in `skipped`."""
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise QtError(f"reading {path} needs pyarrow: pip install pyarrow==26.0.1") from None
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow's own ArrowInvalid etc. for a corrupt file
-            raise QtError(f"{path} is not a readable Parquet file ({e})") from None
-        yield from enumerate(rows, 1)
+        yield from enumerate(read_parquet(path), 1)
         return
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -166,14 +158,10 @@ def _rows(path: Path, skipped: Counter):
             skipped[BAD_JSON] += 1
 
 
-def _counts(c: Counter) -> str:
-    return ", ".join(f"{n} {why}" for why, n in c.most_common()) or "none"
-
-
-def read_pairs(path: str | Path) -> tuple[list[Pair], Counter]:
+def read_pairs(path: str | Path) -> tuple[list[Pair], Skipped]:
     """The usable pairs of a JSONL / Parquet file, and how many rows were skipped for each reason."""
     path = Path(path)
-    pairs, skipped = [], Counter()
+    pairs, skipped = [], Skipped()
     for n, row in _rows(path, skipped):
         got = parse_pair(row, f"{path.name}:{n}")
         if isinstance(got, Pair):
@@ -182,7 +170,7 @@ def read_pairs(path: str | Path) -> tuple[list[Pair], Counter]:
             skipped[got] += 1
     if not pairs:
         raise QtError(f"{path} holds no usable preference pair: expected JSON Lines (or .parquet) {EXPECTED}; "
-                      f"skipped: {_counts(skipped)}")
+                      f"skipped: {skipped}")
     return pairs, skipped
 
 
@@ -217,9 +205,9 @@ def encode_pair(tokenizer, pair: Pair, max_len: int) -> Encoded | None:
     return Encoded(*sides, pair.id)
 
 
-def encode_pairs(tokenizer, pairs: list[Pair], max_len: int) -> tuple[list[Encoded], Counter]:
+def encode_pairs(tokenizer, pairs: list[Pair], max_len: int) -> tuple[list[Encoded], Skipped]:
     """The pairs that fit in max_len tokens (both sides) encoded, and the count of those that do not."""
-    out, skipped = [], Counter()
+    out, skipped = [], Skipped()
     for p in pairs:
         e = encode_pair(tokenizer, p, max_len)
         if e is None:
@@ -254,7 +242,7 @@ def _jsonl(rows: list[dict]) -> str:
 
 
 def _pair_row(rid: str, prompt: str, chosen: str, rejected: str, chosen_model: str, rejected_model: str,
-              left: Counter) -> dict | None:
+              left: Skipped) -> dict | None:
     """A row to write, or None with the reason counted in `left`."""
     if not chosen.strip() or not rejected.strip():
         left[EMPTY] += 1
@@ -274,7 +262,7 @@ def export_pairs(db_path: str | Path, out_path: str | Path) -> dict:
     if not Path(db_path).is_file():  # VoteStore would create an empty database there
         raise QtError(f"{db_path}: no such vote database (qt-serve writes one, see --arena-db)")
     votes = VoteStore(db_path).all()
-    rows, left = [], Counter()
+    rows, left = [], Skipped()
     for v in votes:
         if v["winner"] in ("tie", "bad"):
             left["tie" if v["winner"] == "tie" else "both bad"] += 1
@@ -285,7 +273,7 @@ def export_pairs(db_path: str | Path, out_path: str | Path) -> dict:
         if row:
             rows.append(row)
     if not rows:
-        raise QtError(f"{db_path}: no preference pair in {len(votes)} vote(s) (left out: {_counts(left)})")
+        raise QtError(f"{db_path}: no preference pair in {len(votes)} vote(s) (left out: {left})")
     _write(Path(out_path), _jsonl(rows))
     return {"votes": len(votes), "pairs": len(rows), "left_out": dict(left)}
 
@@ -315,7 +303,7 @@ def alpaca_pairs(target, out_path: str | Path, limit: int | None = None, seed: i
                                     max_tokens):
             replies[todo[j]] = reply
             bar.update()
-    rows, left = [], Counter()
+    rows, left = [], Skipped()
     for i in todo:
         if isinstance(replies[i], TooLong):
             left["prompt too long for the model"] += 1
@@ -325,7 +313,7 @@ def alpaca_pairs(target, out_path: str | Path, limit: int | None = None, seed: i
         if row:
             rows.append(row)
     if not rows:
-        raise QtError(f"no preference pair from {len(todo)} instruction(s) (left out: {_counts(left)})")
+        raise QtError(f"no preference pair from {len(todo)} instruction(s) (left out: {left})")
     _write(out, _jsonl(rows))
     result = {"instructions": len(base), "answered": len(todo), "pairs": len(rows), "left_out": dict(left)}
     if holdout:

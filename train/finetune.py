@@ -137,7 +137,7 @@ class Tuning:
         if self.s.lora_rank:
             targets = [t.strip() for t in self.s.lora_targets.split(",") if t.strip()]
             self.adapter = lora.Lora(model, self.s.lora_rank, self.s.lora_alpha, self.s.lora_dropout, targets,
-                                     self.s.init, self.s.qlora, torch.device(self.s.device) if self.s.qlora else None)
+                                     self.s.init, self.s.qlora, pick_device(self.s.device))
         return model
 
 
@@ -226,6 +226,10 @@ class PreferenceTuning(Tuning):
         self.data_id = digest.hexdigest()[:16]
         self.summary = f"{self.splits['train'].count:,} train pairs, {self.splits['val'].count:,} validation pairs"
         reference = load_init(s.reference, s.seq_len).model if s.reference else self.ckpt.model
+        if reference.config.vocab_size != self.cfg.vocab_size:
+            raise QtError(f"--reference {s.reference} has a vocabulary of {reference.config.vocab_size} tokens, "
+                          f"{s.init} one of {self.cfg.vocab_size}: the reference must share the tuned model's "
+                          "tokenizer (usually its starting checkpoint)")
         self.reference_logps(reference)
 
     @torch.no_grad()

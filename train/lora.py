@@ -67,7 +67,7 @@ class Lora:
     """Adapters on `model`'s Linear layers named in `targets`; the rest of the model is frozen."""
 
     def __init__(self, model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str], base: str,
-                 qlora: bool = False, device: torch.device | None = None):
+                 qlora: bool = False, device: torch.device = torch.device("cpu")):
         known = linear_names(model)
         unknown = [t for t in targets if t not in known]
         if unknown or not targets:
@@ -76,7 +76,7 @@ class Lora:
         if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
             raise QtError(f"LoRA needs rank ≥ 1, alpha > 0 and dropout in [0, 1); got {rank}, {alpha}, {dropout}")
         if qlora:
-            quantize_base(model, device or torch.device("cpu"))
+            quantize_base(model, device)
         lib = peft()
         config = lib.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                                 bias="none")

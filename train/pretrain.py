@@ -1,4 +1,5 @@
-"""Pretraining a `qt_serve.model.Transformer` from scratch on token shards (`train.data`).
+"""The training loop (`Trainer`, `train`) and its pretraining task: a `qt_serve.model.Transformer` from
+scratch on token shards (`train.data`). SFT and DPO are other tasks of the same loop (`train.finetune`).
 
     run = Settings(data="data/shk", out="runs/tiny", max_steps=2000)
     report = pretrain(run, model={"hidden_size": 256, "num_hidden_layers": 4, ...})

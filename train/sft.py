@@ -88,12 +88,14 @@ class PackedRows:
             raise QtError(f"the {name} split has no examples; add data or lower --val-frac")
         width = seq_len + 1
         order = np.random.default_rng([seed, 1 << 20]).permutation(len(examples))  # which examples share a row
-        rows, row = [], []
+        rows, row, used = [], [], 0  # used: tokens in the row being filled
         for i in order:
-            if row and (not pack or sum(len(examples[j][0]) for j in row) + len(examples[i][0]) > width):
+            n = len(examples[i][0])
+            if row and (not pack or used + n > width):
                 rows.append(row)
-                row = []
+                row, used = [], 0
             row.append(i)
+            used += n
         rows.append(row)
         self.count = len(rows)
         self.ids = np.full((self.count, width), pad_id, dtype=np.int64)
