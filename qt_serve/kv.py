@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from qt_serve.config import ModelConfig
+from qt_serve.model import visible
 
 
 class KVCache:
@@ -23,7 +24,8 @@ class KVCache:
 
     Static shapes: nothing is concatenated while decoding. Row b holds one sequence;
     position p of it lives at index p, so a row is reused by simply writing over it
-    (stale entries past a row's current position are masked out).
+    (stale entries past a row's current position are masked out). A layer with a sliding
+    window keeps every position too and masks out those older than its window.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
@@ -31,11 +33,13 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        self.windows = cfg.windows()  # per layer: None or its sliding window
 
     def rows(self, start: int, n: int) -> KVCache:
         """A view of rows start..start+n-1 (same storage), for a forward over n sequences."""
         view = object.__new__(KVCache)
         view.k, view.v, view.max_len = self.k[:, start:start + n], self.v[:, start:start + n], self.max_len
+        view.windows = self.windows
         return view
 
     def bind(self, pos) -> BatchAttention:
@@ -49,13 +53,15 @@ class BatchAttention:
         B, S = pos.shape
         self.cache, self.pos = cache, pos
         self.length = int(pos.max()) + 1  # attend over cache[:length]
-        self.mask = None
-        # One row whose keys are just these tokens from 0 (a fresh prefill) is plain causal,
-        # and one row decoding one token sees all of cache[:length]: neither needs a mask.
-        if B > 1 or (S > 1 and self.length != S):
-            # Key j is visible to a query at position p iff j ≤ p: causal within the new
-            # tokens, everything before them, nothing stale past a row's own length.
-            self.mask = torch.arange(self.length, device=pos.device) <= pos[:, None, :, None]  # (B, 1, S, L)
+        keys = torch.arange(self.length, device=pos.device)
+        # Key j is visible to a query at position p iff j ≤ p: causal within the new tokens,
+        # everything before them, nothing stale past a row's own length. One row whose keys are
+        # just these tokens from 0 (a fresh prefill) is plain causal, and one row decoding one
+        # token sees all of cache[:length]: neither needs a mask (None). A window w matters only
+        # once some query is at p ≥ w; (B, 1, S, L) masks by window:
+        self.masks = {None: visible(pos, keys, None)[:, None] if B > 1 or (S > 1 and self.length != S) else None}
+        for w in set(cache.windows) - {None}:
+            self.masks[w] = visible(pos, keys, w)[:, None] if self.length > w else self.masks[None]
 
     def __call__(self, layer: int, q, k, v):
         """Write k, v (B, Hkv, S, D) into the cache at pos; attend q (B, H, S, D) over it."""
@@ -68,8 +74,9 @@ class BatchAttention:
             rows = torch.arange(B, device=k.device)[:, None]
             ck[rows, :, self.pos] = k.transpose(1, 2)  # indexed view is (B, S, Hkv, D)
             cv[rows, :, self.pos] = v.transpose(1, 2)
-        return F.scaled_dot_product_attention(q, ck[:, :, :L], cv[:, :, :L], attn_mask=self.mask,
-                                              is_causal=self.mask is None and q.shape[2] > 1,
+        mask = self.masks[self.cache.windows[layer]]
+        return F.scaled_dot_product_attention(q, ck[:, :, :L], cv[:, :, :L], attn_mask=mask,
+                                              is_causal=mask is None and q.shape[2] > 1,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -85,6 +92,7 @@ class RaggedBatch:
     def __init__(self, cache: KVCache, rows: list[int], positions: list[list[int]]):
         self.cache, self.groups = cache, []
         device, start, i = cache.k.device, 0, 0
+        windows = set(cache.windows) - {None}
         while i < len(rows):
             j = i + 1  # extend a run of single-token segments on rows r, r+1, ...
             while (len(positions[i]) == 1 and j < len(rows) and len(positions[j]) == 1
@@ -93,13 +101,14 @@ class RaggedBatch:
             pos = [ps[0] for ps in positions[i:j]] if j - i > 1 else positions[i]
             p = torch.tensor(pos, device=device)
             n = max(pos) + 1
-            if j - i > 1:  # decode tokens of rows[i]..rows[j-1]: key k visible to row b iff k ≤ its position
-                mask = (torch.arange(n, device=device) <= p[:, None])[:, None, None]  # (R, 1, 1, n)
-            elif len(pos) == 1 or pos[0] == 0:  # a lone decode token sees all; a fresh prefill is plain causal
-                mask = None
-            else:  # a prefill chunk after a cached prefix
-                mask = (torch.arange(n, device=device) <= p[:, None])[None, None]  # (1, 1, S, n)
-            self.groups.append((rows[i], j - i, start, start + len(pos), p, n, mask))
+            keys, rowwise = torch.arange(n, device=device), j - i > 1
+            # Decode tokens of rows[i]..rows[j-1], one query each: (R, 1, 1, n); else one segment's
+            # S queries: (1, 1, S, n). A lone decode token sees all and a fresh prefill is plain
+            # causal (None), unless a window cuts in (some query at p ≥ w).
+            q_pos = p[:, None, None] if rowwise else p[None, None]
+            full = visible(q_pos, keys, None) if rowwise or (len(pos) > 1 and pos[0] > 0) else None
+            masks = {None: full, **{w: visible(q_pos, keys, w) if n > w else full for w in windows}}
+            self.groups.append((rows[i], j - i, start, start + len(pos), p, n, masks))
             start += len(pos)
             i = j
 
@@ -107,8 +116,9 @@ class RaggedBatch:
         return self  # positions were given per segment
 
     def __call__(self, layer: int, q, k, v):
-        out, gqa = [], q.shape[1] != k.shape[1]
-        for row, count, a, b, p, n, mask in self.groups:
+        out, gqa, window = [], q.shape[1] != k.shape[1], self.cache.windows[layer]
+        for row, count, a, b, p, n, masks in self.groups:
+            mask = masks[window]
             ck, cv = self.cache.k[layer, row:row + count], self.cache.v[layer, row:row + count]  # (R, Hkv, T, D)
             if count > 1:  # R rows, one token each: batch them, (1, H, R, D) <-> (R, H, 1, D)
                 rows = torch.arange(count, device=p.device)

@@ -6,7 +6,11 @@ Attention is grouped-query (num_key_value_heads ≤ num_attention_heads) with ro
 position embeddings (RoPE, Su et al. 2021; Llama-3 frequency scaling); the MLP is
 SwiGLU (Shazeer 2020). Parameter names are Hugging Face's
 (`model.layers.0.self_attn.q_proj.weight`, ...), so a state dict moves between this
-module and `transformers.LlamaForCausalLM` without renaming.
+module and `transformers`' `LlamaForCausalLM` (or Mistral, Qwen2, Qwen3) without renaming.
+The families' differences are config switches (`qt_serve.config`): biases on the Q/K/V
+projections (Qwen2), an RMSNorm over each query and key head before RoPE (Qwen3), and a
+sliding attention window (Mistral; Qwen when enabled): a query at position p sees only the
+`window` keys p - window < j ≤ p.
 
 The model knows nothing of tokens, sampling, files or cache layout. `forward` takes token
 ids, their positions and, when decoding, a cache (`qt_serve.kv`) whose `bind(pos)` gives
@@ -77,27 +81,40 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Which keys each query may attend to: (..., S) query positions x (L,) key positions -> (..., S, L)."""
+    seen = k_pos <= q_pos[..., None]
+    return seen if window is None else seen & (k_pos > q_pos[..., None] - window)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer = layer
+        self.layer, self.window = layer, cfg.windows()[layer]
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3 normalises every query and key head (over head_dim) before RoPE.
+        norm = (lambda: RMSNorm(self.head_dim, cfg.rms_norm_eps)) if cfg.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
 
     def forward(self, x, cos, sin, attend):
         B, S, _ = x.shape
         # (B, S, H*D) -> (B, H, S, D)
-        q = self.q_proj(x).view(B, S, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(B, S, self.n_head, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, S, self.n_kv, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if attend is None:  # no cache (training, full recompute): causal over these S tokens
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=self.n_kv != self.n_head)
+            gqa = self.n_kv != self.n_head
+            if self.window is None or S <= self.window:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=gqa)
+            else:
+                p = torch.arange(S, device=x.device)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible(p, p, self.window), enable_gqa=gqa)
         else:  # the cache's attention: writes k, v, then attends over what the cache holds
             y = attend(self.layer, q, k, v)
         return self.o_proj(y.transpose(1, 2).reshape(B, S, self.n_head * self.head_dim))

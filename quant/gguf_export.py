@@ -99,6 +99,9 @@ def export(source, path: str | Path, types: dict | None = None) -> Path:
         raise QtError(f"{ckpt.source} has no tokenizer.json; llama.cpp needs a vocabulary in the GGUF")
     cfg = ckpt.config
     unsupported = [k for k in ("attention_bias", "mlp_bias", "output_bias") if getattr(cfg, k)]
+    if cfg.model_type != "llama":
+        unsupported.append(f"the {cfg.model_type} architecture (qt writes llama GGUFs; the checkpoint directory is "
+                           "HF-compatible, so llama.cpp's convert_hf_to_gguf.py converts it)")
     if cfg.rope_scaling and cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type")) != "linear":
         unsupported.append(f"rope_scaling {cfg.rope_scaling}")
     if unsupported:

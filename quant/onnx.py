@@ -200,15 +200,29 @@ def build_graph(model, dtype=np.float32, int4=None):
 
         h = norm("input_layernorm")
         att = p + "self_attn."
-        qkv_w = torch.cat([sd[att + n + ".weight"] for n in ("q_proj", "k_proj", "v_proj")])
-        qkv_b = torch.cat([sd[att + n + ".bias"] for n in ("q_proj", "k_proj", "v_proj")]) if cfg.attention_bias \
-            else None
-        qkv4 = int4 and Blocks.concat([quant(att + n, sd[att + n + ".weight"]) for n in ("q_proj", "k_proj", "v_proj")])
+        names = ("q_proj", "k_proj", "v_proj")
+        qkv_w = torch.cat([sd[att + n + ".weight"] for n in names])
+        qkv_b = torch.cat([sd[att + n + ".bias"] for n in names]) if cfg.qkv_bias else None
+        qkv4 = int4 and Blocks.concat([quant(att + n, sd[att + n + ".weight"]) for n in names])
         qkv = g.matmul(h, att + "qkv_proj", qkv_w, qkv_b, qkv4)  # (B, S, (H + 2·KV)·D): GQA's packed layout
+        qkv = [qkv, "", ""]  # GQA's query, key, value inputs: packed in the first
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's D of the queries and keys, before GQA's RoPE
+            sizes = g.init(att + "qkv_sizes", np.array([cfg.num_attention_heads * hd, kv * hd, kv * hd], np.int64))
+            q, k, v = g.op("Split", [qkv[0], sizes], outputs=3, axis=-1)
+            heads, rows = (g.init(att + n, np.array(shape, np.int64)) for n, shape in
+                           (("heads", [0, 0, -1, hd]), ("rows", [0, 0, -1])))
+
+            def head_norm(x, name):  # (B, S, n·D) -> (B, S, n, D), normalised over D -> (B, S, n·D)
+                w = g.init(att + name, sd[att + name + ".weight"].numpy())
+                x = g.op("SimplifiedLayerNormalization", [g.op("Reshape", [x, heads])[0], w], epsilon=eps, axis=-1)
+                return g.op("Reshape", [x[0], rows])[0]
+            qkv = [head_norm(q, "q_norm"), head_norm(k, "k_norm"), v]
+        window = cfg.windows()[i]  # GQA: local_window_size = the window (checked against transformers)
         y, pk, pv = g.op("GroupQueryAttention",
-                         [qkv, "", "", f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
+                         [*qkv, f"past_key_{i}", f"past_value_{i}", "seqlens_k", "total_sequence_length",
                           "cos_cache", "sin_cache"], outputs=3, domain=MS,
-                         num_heads=cfg.num_attention_heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0)
+                         num_heads=cfg.num_attention_heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
+                         local_window_size=-1 if window is None else window)
         presents += [pk, pv]
         pending = g.matmul(y, att + "o_proj", sd[att + "o_proj.weight"], sd.get(att + "o_proj.bias"),
                            quant(att + "o_proj", sd[att + "o_proj.weight"]))

@@ -77,7 +77,7 @@ def test_packing_leaks_no_attention_across_examples():
     assert rows.count == 1 and (rows.doc[0] >= 0).sum() == sum(len(e[0]) for e in examples)
     b = {k: torch.from_numpy(v) for k, v in rows.rows(0, 1, shuffle=False).items()}
     with torch.no_grad():
-        packed = model(b["ids"], b["pos"], sft.DocumentMask(b["doc"]))[0]
+        packed = model(b["ids"], b["pos"], sft.DocumentMask(b["doc"], b["pos"], model.config.windows()))[0]
         for k in range(len(examples)):
             at = (b["doc"][0] == k).nonzero().flatten()
             alone = model(b["ids"][:, at])[0]
@@ -97,7 +97,7 @@ def test_loss_counts_assistant_tokens_of_the_same_example():
     rows = sft.PackedRows(examples, seq_len=63, seed=0, pad_id=0)
     b = {k: torch.from_numpy(v) for k, v in rows.rows(0, 2, shuffle=False).items()}
     with torch.no_grad():
-        loss, n = sft.sft_loss(model, b)
+        loss, n = sft.sft_loss(model, b, model.config.windows())
         total, count = 0.0, 0
         for r in range(2):
             for k in range(int(b["doc"][r].max()) + 1):

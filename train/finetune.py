@@ -171,7 +171,7 @@ class Finetuning(Tuning):
         return self.splits[split].rows(first, n, shuffle)
 
     def loss(self, forward, batch: dict) -> tuple[torch.Tensor, int, dict]:
-        loss, n = sft.sft_loss(forward, batch)
+        loss, n = sft.sft_loss(forward, batch, self.cfg.windows())
         return loss, n, {}
 
     def prompt(self) -> list[int]:

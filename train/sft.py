@@ -128,26 +128,33 @@ class PackedRows:
 
 class DocumentMask:
     """The model's attention hook (`Transformer.forward(..., cache=...)`) for packed rows: each query
-    attends causally within its own example only. doc: (B, S) example numbers, -1 for padding."""
+    attends causally within its own example only (and within a layer's sliding window, if it has
+    one). doc, pos: (B, S) example numbers (-1 for padding) and positions within the example."""
 
-    def __init__(self, doc: torch.Tensor):
+    def __init__(self, doc: torch.Tensor, pos: torch.Tensor, windows: list[int | None]):
         S = doc.shape[1]
         causal = torch.ones(S, S, dtype=torch.bool, device=doc.device).tril()
-        self.mask = ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)  # (B, 1, S, S)
+        same = ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)  # (B, 1, S, S)
+        # Within one example positions count up from 0, so the window compares positions.
+        self.masks = {w: same if w is None else same & (pos[:, None, :] > pos[:, :, None] - w).unsqueeze(1)
+                      for w in set(windows)}
+        self.windows = windows
 
     def bind(self, pos):
         def attend(layer, q, k, v):  # q (B, H, S, D); k, v (B, H_kv, S, D)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, enable_gqa=k.shape[1] != q.shape[1])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[self.windows[layer]],
+                                                  enable_gqa=k.shape[1] != q.shape[1])
         return attend
 
 
-def sft_loss(forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def sft_loss(forward, batch: dict[str, torch.Tensor], windows: list[int | None]) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the assistant tokens of a batch of packed rows, and how many there were.
 
     Position t predicts token t + 1 when t + 1 is an assistant token of the same example.
     """
     ids, doc = batch["ids"], batch["doc"]
-    logits = forward(ids[:, :-1], batch["pos"][:, :-1], DocumentMask(doc[:, :-1]))
+    pos = batch["pos"][:, :-1]
+    logits = forward(ids[:, :-1], pos, DocumentMask(doc[:, :-1], pos, windows))
     keep = batch["target"][:, 1:] & (doc[:, 1:] == doc[:, :-1])
     n = int(keep.sum())
     targets = ids[:, 1:].masked_fill(~keep, -100)
