@@ -40,7 +40,7 @@ def error_json(e: RequestError) -> JSONResponse:
 
 def load_generators(specs: list[str], dtype=None, device="cpu", max_seq_len=None, max_batch=8, max_queue=64,
                     request_timeout: float | None = None, metrics: Metrics | None = None,
-                    loras: list[str] = ()) -> dict[str, Generator]:
+                    loras: list[str] = (), load_in: str | None = None) -> dict[str, Generator]:
     """`[NAME=]SPEC` strings -> loaded models, each behind its own engine, sharing one Metrics; and
     `NAME=DIR[@MODEL]` LoRA adapters, each served through its base model's engine (`lora.py`)."""
     metrics = metrics or Metrics()
@@ -53,7 +53,7 @@ def load_generators(specs: list[str], dtype=None, device="cpu", max_seq_len=None
             raise QtError(f"two models are named {name!r}; name them with --model NAME=SPEC / --lora NAME=DIR")
     out = {}
     for name, path in models:
-        ckpt = checkpoint.load(path, dtype=dtype, device=device, max_seq_len=max_seq_len)
+        ckpt = checkpoint.load(path, dtype=dtype, device=device, max_seq_len=max_seq_len, load_in=load_in)
         mine = [lora.load(d, ckpt, a) for a, d, base in adapters if base == name]
         engine = Engine.load(ckpt, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,
                              request_timeout=request_timeout, thread=worker, adapters=mine)

@@ -21,14 +21,15 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from qt_serve.config import ModelConfig
 from qt_serve.errors import QtError, read_json
@@ -134,7 +135,12 @@ def replace_dir(src: Path, dst: Path) -> None:
 # ---- reading -------------------------------------------------------------------
 
 
-def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def read_tensors(directory: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The directory's tensors, shard by shard (`model.safetensors` or the index's shards).
+
+    Each shard is memory-mapped and its floating-point tensors are cast to `dtype` before the next is
+    read, so a bf16 checkpoint loaded as fp32 never holds both whole copies (peak: the fp32 model plus
+    one shard), and one loaded in its own dtype is never copied at all (LOG.md, 2026-12-02)."""
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
     if single.exists():
@@ -142,9 +148,13 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     elif index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise QtError(f"{index} is corrupt ({e})") from None
         files = [directory / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise QtError(f"{directory}: shard(s) {', '.join(missing)} listed in {index.name} are missing; "
+                          "download the whole checkpoint")
     elif (directory / "pytorch_model.bin").exists():
         raise QtError(f"{directory} holds pytorch_model.bin; qt reads safetensors only. Convert it with "
                       "transformers: AutoModelForCausalLM.from_pretrained(d).save_pretrained(d)")
@@ -153,12 +163,30 @@ def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors = {}
     for f in files:
         try:
-            tensors.update(load_file(str(f)))
-        except FileNotFoundError:
-            raise QtError(f"{f} is missing (listed in the safetensors index)") from None
+            with safe_open(str(f), framework="pt") as shard:
+                for name in shard.keys():
+                    t = shard.get_tensor(name)
+                    tensors[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         except (SafetensorError, OSError, ValueError) as e:
             raise QtError(f"{f} is truncated or corrupt ({e}); re-download or re-save the checkpoint") from None
     return tensors
+
+
+def runnable_dtype(dtype: torch.dtype, device) -> torch.dtype:
+    """`dtype`, or float32 with a warning when this device cannot compute in it (a GPU without bf16,
+    a torch build without half-precision CPU kernels): tried on a small matmul, as the model would."""
+    if dtype == torch.float32:
+        return dtype
+    try:
+        x = torch.ones(2, 8, dtype=dtype, device=device)
+        torch.nn.functional.linear(x, x).sum().item()
+        if torch.device(device).type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("this GPU has no bfloat16 arithmetic (compute capability < 8.0)")
+    except RuntimeError as e:
+        warnings.warn(f"{dtype} cannot run on {device} ({e}); loading the weights as float32 instead",
+                      stacklevel=3)
+        return torch.float32
+    return dtype
 
 
 def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor], source: str,
@@ -198,7 +226,8 @@ def load_dir(directory: str | Path, dtype: torch.dtype | None = None, device="cp
     gen = read_json(directory / "generation_config.json", missing={})
     scheme = (cfg.quantization or {}).get("scheme")
     if scheme is None or scheme in CAST_SCHEMES:
-        model = build_model(cfg, read_tensors(directory), str(directory), dtype, device, max_seq_len)
+        dtype = runnable_dtype(dtype or DTYPES.get(cfg.torch_dtype, torch.float32), device)
+        model = build_model(cfg, read_tensors(directory, dtype), str(directory), dtype, device, max_seq_len)
         return Checkpoint(model, tokenizer, gen, str(directory))
     model, runner = checkpoint_format(scheme, directory)(directory, cfg, dtype=dtype, device=device,
                                                          max_seq_len=max_seq_len)
@@ -221,22 +250,55 @@ def checkpoint_format(scheme: str, directory: Path | str = "the checkpoint") -> 
 
 
 def load(spec: str | Path, dtype: str | torch.dtype | None = None, device="cpu",
-         max_seq_len: int | None = None) -> Checkpoint:
-    """Load a checkpoint dir, an HF Llama dir, a .gguf file, or a known model name."""
+         max_seq_len: int | None = None, load_in: str | None = None) -> Checkpoint:
+    """Load a checkpoint dir, an HF directory, a .gguf file, or a known model name.
+
+    `load_in` "int8" | "int4" quantizes the block projections with bitsandbytes (LLM.int8 / NF4) as they
+    move to a CUDA device, so an 8B model serves from ~5.5 GB of GPU memory; done by quant/ (entry
+    point group `qt_serve.load_in`). On CPU use `qt-quant MODEL --to int8|int4` instead."""
     from qt_serve import gguf_import, hub
 
     if max_seq_len is not None and max_seq_len < 2:
         raise QtError(f"max_seq_len must be at least 2 (a prompt token and a new one), got {max_seq_len}")
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
+    quantize, target = None, device
+    if load_in is not None:  # refused before the weights are read, which may take minutes
+        quantize = load_in_quantizer(load_in, device)
+        dtype, device = dtype or torch.float16, "cpu"  # built on the host, quantized on the way to the GPU
     path = Path(spec)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise QtError(f"GGUF file {path} does not exist")
-        return gguf_import.load_gguf(path, dtype, device, max_seq_len)
-    if not path.exists() and str(spec) in hub.KNOWN:
-        path = hub.pull(str(spec))
-    if not path.exists():
-        raise QtError(f"{spec} is neither a checkpoint directory, a .gguf file nor a known model "
-                      f"({', '.join(hub.KNOWN)})")
-    return load_dir(path, dtype, device, max_seq_len)
+        ckpt = gguf_import.load_gguf(path, dtype, device, max_seq_len)
+    else:
+        if not path.exists() and str(spec) in hub.KNOWN:
+            path = hub.pull(str(spec))
+        if not path.exists():
+            raise QtError(f"{spec} is neither a checkpoint directory, a .gguf file nor a known model "
+                          f"({', '.join(hub.KNOWN)})")
+        ckpt = load_dir(path, dtype, device, max_seq_len)
+    if quantize is not None:
+        if ckpt.model is None or ckpt.config.quantization:
+            raise QtError(f"{spec} is already quantized; --load-in quantizes a full-precision checkpoint")
+        ckpt.model = quantize(ckpt.model, load_in, target)
+    return ckpt
+
+
+LOAD_IN = ("int8", "int4")
+
+
+def load_in_quantizer(scheme: str, device) -> Callable:
+    """The load-time quantizer for `scheme` (see `load`), after checking it can run on `device`."""
+    from importlib.metadata import entry_points
+
+    if scheme not in LOAD_IN:
+        raise QtError(f"--load-in {scheme!r}: choose one of {', '.join(LOAD_IN)}")
+    if torch.device(device).type != "cuda":
+        raise QtError(f"--load-in {scheme} quantizes with bitsandbytes, which needs a CUDA GPU (device is {device}); "
+                      f"on CPU convert once with `qt-quant MODEL --to {scheme}` (qt's own CPU kernels) and serve "
+                      "that directory")
+    found = {ep.name: ep for ep in entry_points(group="qt_serve.load_in")}
+    if scheme not in found:
+        raise QtError(f"--load-in {scheme} needs qt's quant/ package: pip install -e '.[gpu]'")
+    return found[scheme].load()

@@ -32,7 +32,13 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="weight dtype (default: the checkpoint's)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_load_in_flag(ap)
     ap.add_argument("--max-seq-len", type=positive, default=4096, help="context length to allocate the KV cache for")
+
+
+def add_load_in_flag(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--load-in", default=None, choices=["int8", "int4"],
+                    help="quantize while loading with bitsandbytes (CUDA only; on CPU use qt-quant --to int8|int4)")
 
 
 def run(main):
@@ -96,7 +102,8 @@ def chat(args) -> int:
 
     torch.set_grad_enabled(False)
     plan = Plan.of(None, None, None, fmt)
-    llm = LLM.load(args.model, dtype=args.dtype, device=args.device, max_seq_len=args.max_seq_len)
+    llm = LLM.load(args.model, dtype=args.dtype, device=args.device, max_seq_len=args.max_seq_len,
+                   load_in=args.load_in)
     if llm.tokenizer is None or not llm.tokenizer.chat_template:
         raise QtError(f"{args.model} has no tokenizer with a chat_template, so it cannot chat")
     try:  # once, not at the first message: a keyword llguidance lacks, a bad pattern
@@ -194,6 +201,7 @@ def serve_main(argv=None) -> int:
                          "batched together")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu")
+    add_load_in_flag(ap)
     ap.add_argument("--max-model-len", type=positive, default=4096, help="context length per request (KV cache rows)")
     ap.add_argument("--max-batch", type=positive, default=8, help="requests decoded together (KV cache slots)")
     ap.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get HTTP 429")
@@ -235,6 +243,7 @@ def serve(args, plugins: list) -> int:
     pages = [(p, p.prepare(args)) for p in plugins]  # first: a mistyped page flag fails before model loading
     pages = [(p, options) for p, options in pages if options is not None]
     generators = load_generators(args.model or [DEFAULT_MODEL], dtype=args.dtype, device=args.device,
+                                 load_in=args.load_in,
                                  max_seq_len=args.max_model_len, max_batch=args.max_batch, max_queue=args.max_queue,
                                  request_timeout=args.request_timeout, loras=args.lora or [])
     # Loading ran torch on this thread, which gave it an OpenMP team of its own; beside the engine

@@ -128,6 +128,7 @@ class ModelConfig:
                 continue  # Llama has neither; Qwen keeps sliding_window (with use_sliding_window) in extra
             if f.name not in ("output_bias", "quantization", "extra"):
                 d[f.name] = getattr(self, f.name)
+        d["dtype"] = self.torch_dtype  # the name transformers ≥ 4.56 reads (it still accepts torch_dtype)
         d["qt"] = {"output_bias": self.output_bias, "quantization": self.quantization}
         return d
 
@@ -147,7 +148,9 @@ class ModelConfig:
             raise QtError(f"{source}: hidden_act {act!r} is not supported (these families use 'silu')")
         names = {f.name for f in dataclasses.fields(cls)} - {"output_bias", "quantization", "extra"}
         known = {k: v for k, v in d.items() if k in names}
-        skip = {"architectures", "model_type", "hidden_act", "qt", "rope_parameters"}
+        if isinstance(d.get("dtype"), str):  # transformers ≥ 4.56 writes `dtype` where it wrote `torch_dtype`
+            known["torch_dtype"] = d["dtype"]
+        skip = {"architectures", "model_type", "hidden_act", "qt", "rope_parameters", "dtype"}
         extra = {k: v for k, v in d.items() if k not in names and k not in skip}
         rope = d.get("rope_parameters")  # transformers ≥ 5 nests rope_theta and the scaling here
         if isinstance(rope, dict):

@@ -52,8 +52,9 @@ class LLM:
         self.max_seq_len = self.engine.max_seq_len
 
     @classmethod
-    def load(cls, spec, dtype=None, device="cpu", max_seq_len: int | None = None) -> LLM:
-        return cls(checkpoint.load(spec, dtype=dtype, device=device, max_seq_len=max_seq_len), max_seq_len)
+    def load(cls, spec, dtype=None, device="cpu", max_seq_len: int | None = None, load_in: str | None = None) -> LLM:
+        return cls(checkpoint.load(spec, dtype=dtype, device=device, max_seq_len=max_seq_len, load_in=load_in),
+                   max_seq_len)
 
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):

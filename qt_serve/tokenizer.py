@@ -33,6 +33,48 @@ def _token_text(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+# The named special tokens transformers hands every template (`special_tokens_map`: only those that are set).
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`, transformers' marker of assistant text (for its training masks):
+    rendered as its body, as transformers renders it. Without it such templates (LFM2.5's) do not parse."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    """A Jinja environment set up as transformers sets up its own (`_cached_compile_jinja_template`)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as transformers gives them to the template: keys whose value is None dropped (OpenAI clients send
+    `content: null`, which templates would print as "None"), and an assistant's reasoning under every name
+    templates read (`reasoning_content` for Qwen3, `thinking` for gpt-oss), whichever of them the message used."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        reasoning = next((m[k] for k in REASONING_FIELDS if k in m), None)
+        out.append(m if reasoning is None else {"thinking": reasoning, **m, "reasoning_content": reasoning})
+    return out
+
+
 class Tokenizer:
     def __init__(self, tok: HFTokenizer, config: dict | None = None):
         self.tok = tok
@@ -43,6 +85,7 @@ class Tokenizer:
         self.bos_id = self.token_id(self.bos_token)
         self.eos_id = self.token_id(self.eos_token)
         self.special_ids = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+        self.special_tokens = {k: _token_text(self.config[k]) for k in SPECIAL_TOKENS if self.config.get(k) is not None}
         self._template = None
 
     @property
@@ -64,18 +107,16 @@ class Tokenizer:
         if not self.chat_template:
             raise QtError("this model's tokenizer has no chat_template; use a plain text prompt instead")
         if self._template is None:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=[jinja2.ext.loopcontrols])
-            env.filters["tojson"] = _tojson
-            env.globals["raise_exception"] = _raise
-            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             try:
-                self._template = env.from_string(self.chat_template)
+                self._template = _environment().from_string(self.chat_template)
             except jinja2.TemplateError as e:
                 raise QtError(f"the chat_template does not parse: {e}") from None
+        # As transformers' apply_chat_template: `tools` and `documents` are always passed (None when absent, so
+        # `tools is defined` holds), then the set special tokens, then the caller's variables over them.
+        variables = {"tools": None, "documents": None, **self.special_tokens, **kwargs}
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+            return self._template.render(messages=_template_messages(messages),
+                                         add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
             raise QtError(f"chat template rejected the messages: {e}") from None
 
@@ -89,9 +130,8 @@ class Tokenizer:
         """Whether the chat template renders a `tools` list (it names the variable), as HF decides."""
         if not self.chat_template:
             return False
-        env = ImmutableSandboxedEnvironment(extensions=[jinja2.ext.loopcontrols])
         try:
-            return "tools" in jinja2.meta.find_undeclared_variables(env.parse(self.chat_template))
+            return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(self.chat_template))
         except jinja2.TemplateError:
             return False
 

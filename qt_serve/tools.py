@@ -232,8 +232,10 @@ def history(messages: list[dict]) -> list[dict]:
 
 
 def native(messages: list[dict]) -> list[dict]:
-    """Messages as Hugging Face chat templates with tool support take them."""
-    return [{k: v for k, v in m.items() if v is not None} for m in history(messages)]
+    """Messages as Hugging Face chat templates with tool support take them. A tool-calling turn's null
+    content becomes "" (as vLLM passes it): Qwen3's template reads `message.content` of every turn."""
+    return [{k: v for k, v in m.items() if v is not None} | ({"content": ""} if m.get("content") is None else {})
+            for m in history(messages)]
 
 
 def call_text(name: str, arguments) -> str:

@@ -303,3 +303,36 @@ def measure(model: Transformer, layers: list[QuantLinear], cands: list[str], rou
     base = min(times[cands[0]])
     return {"kernel": best, "ratios": {k: round(min(t) / base, 3) for k, t in times.items()},
             "noisy": fast.noisy(times)}
+
+
+# ---- bitsandbytes at load time (qt-serve --load-in int8|int4, CUDA) -------------------------------
+
+
+class LoadedIn(nn.Module):
+    """A block projection quantized by bitsandbytes from its full-precision weight (no int8/int4 file in
+    between, so no second rounding): LLM.int8 or NF4 on the GPU, fp16 products, out in the input's dtype."""
+
+    def __init__(self, linear: nn.Linear, scheme: str, device: torch.device):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach()
+        self.kernel = kernels.Bnb(linear.weight.detach(), bias, scheme, device)
+        self.lin = self.kernel.lin  # registered, so .to() and the state dict see bitsandbytes' module
+
+    def forward(self, x):
+        return self.kernel(x).to(x.dtype)
+
+
+def load_in(model: Transformer, scheme: str, device) -> Transformer:
+    """The `qt_serve.load_in` entry point: `model` (on the host) with every block projection swapped for a
+    bitsandbytes layer on `device`, layer by layer so host memory falls as GPU memory fills; the embedding,
+    norms and LM head move to `device` as they are (bitsandbytes quantizes neither tables nor the head)."""
+    device = torch.device(device)
+    kernels.require("bnb", scheme, device)
+    for name, child in list(model.model.layers.named_modules()):
+        if isinstance(child, nn.Linear):
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.model.layers.get_submodule(parent), leaf, LoadedIn(child, scheme, device))
+    model.config.quantization = {"scheme": f"bnb-{scheme}", "runs_as": "LLM.int8 (int8 weights and row-wise activations, "
+                                 "fp16 outlier columns)" if scheme == "int8" else "NF4 weights, fp16 activations"}
+    return model.to(device).eval().requires_grad_(False)

@@ -143,3 +143,42 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
 def test_unsupported_architecture_names_it_and_the_supported_ones():
     with pytest.raises(QtError, match=r"GemmaForCausalLM.*LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"):
         ModelConfig.from_dict({"architectures": ["GemmaForCausalLM"], "model_type": "gemma"})
+
+
+def test_sharded_bf16_checkpoint_loads_shard_by_shard(tmp_path, monkeypatch):
+    """A bf16 checkpoint `transformers` writes in several shards with an index: loaded in bf16 as it is, cast
+    to fp32 on request, and each bad input (a missing shard, a dtype the device cannot run) said plainly."""
+    cls, cfg = FAMILIES["qwen2"]
+    cfg.vocab_size = 400
+    torch.manual_seed(0)
+    hf = cls(cfg).to(torch.bfloat16).eval()
+    hf.save_pretrained(tmp_path / "m", max_shard_size="60KB")
+    shards = sorted((tmp_path / "m").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "m" / "model.safetensors.index.json").exists()
+    want = hf.state_dict()
+
+    model = checkpoint.load(tmp_path / "m").model
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert all(torch.equal(t, want[k]) for k, t in model.state_dict().items())
+    fp32 = checkpoint.load(tmp_path / "m", dtype="float32").model
+    assert all(t.dtype == torch.float32 and torch.equal(t, want[k].float()) for k, t in fp32.state_dict().items())
+
+    real_linear = torch.nn.functional.linear
+
+    def no_half(x, w, b=None):  # a device without fp16 kernels
+        if x.dtype == torch.float16:
+            raise RuntimeError('"addmm_impl_cpu_" not implemented for \'Half\'')
+        return real_linear(x, w, b)
+    monkeypatch.setattr(torch.nn.functional, "linear", no_half)
+    with pytest.warns(UserWarning, match="float16 cannot run on cpu.*as float32"):
+        assert next(checkpoint.load(tmp_path / "m", dtype="float16").model.parameters()).dtype == torch.float32
+    monkeypatch.undo()
+
+    shards[1].unlink()
+    with pytest.raises(QtError, match=f"{shards[1].name} listed in model.safetensors.index.json are missing"):
+        checkpoint.load(tmp_path / "m")
+
+
+def test_load_in_4bit_without_cuda_says_what_to_do(tmp_path):
+    with pytest.raises(QtError, match=r"needs a CUDA GPU \(device is cpu\).*qt-quant MODEL --to int4"):
+        checkpoint.load(tmp_path / "not-even-read", load_in="int4")
