@@ -269,12 +269,13 @@ def gguf_blocks(path: str | Path, cfg: ModelConfig) -> dict[str, Blocks]:
     from gguf import GGMLQuantizationType as T
     from gguf import GGUFReader
 
-    from qt_serve.gguf_import import TENSOR_NAMES, unpermute
+    from qt_serve.gguf_import import PERMUTED, TENSOR_NAMES, unpermute
 
     names = {g.format(i): h.format(i).removesuffix(".weight") for g, h in TENSOR_NAMES.items()
              for i in (range(cfg.num_hidden_layers) if "{}" in g else [None])}
-    out = {}
-    for t in GGUFReader(str(path)).tensors:
+    out, reader = {}, GGUFReader(str(path))
+    permuted = reader.fields["general.architecture"].contents() in PERMUTED
+    for t in reader.tensors:
         if t.name not in names or t.tensor_type not in (T.Q4_0, T.Q4_1, T.Q8_0):
             continue
         N, K = int(t.shape[1]), int(t.shape[0])
@@ -287,7 +288,7 @@ def gguf_blocks(path: str | Path, cfg: ModelConfig) -> dict[str, Blocks]:
             qs = raw[..., -16:]
             b = Blocks(np.concatenate([qs & 15, qs >> 4], -1).reshape(N, K), d, m, 4)
         name = names[t.name]
-        if name.endswith(("q_proj", "k_proj")):  # llama.cpp's row order for RoPE: back to HF's
+        if permuted and name.endswith(("q_proj", "k_proj")):  # llama.cpp's row order for RoPE: back to HF's
             heads = cfg.num_attention_heads if name.endswith("q_proj") else cfg.num_key_value_heads
             b = Blocks(unpermute(b.q, heads), unpermute(b.d, heads), None if b.m is None else unpermute(b.m, heads),
                        b.bits)

@@ -220,7 +220,7 @@ def test_import_then_save_is_a_checkpoint_dir(tmp_path, model, tokenizer):
 
 @pytest.mark.parametrize("kw, message", [
     (dict(arch="gpt2"), "GGUF architecture 'gpt2' is not supported"),
-    (dict(tok_model="llama"), "GGUF tokenizer model 'llama' is not supported"),
+    (dict(tok_model="bert"), "GGUF tokenizer model 'bert' is not supported"),
     (dict(f64_tensor=True), "quantization type F64, which qt cannot dequantize"),
 ])
 def test_unsupported_gguf_gives_clear_error(tmp_path, model, tokenizer, kw, message):

@@ -99,11 +99,12 @@ class Preference(Finetune):
             raise QtError(f"beta must be > 0 and label_smoothing in [0, 0.5); got {self.beta}, {self.label_smoothing}")
 
 
-def load_init(spec: str, seq_len: int):
-    """The checkpoint to tune, in fp32: a torch model with a chat template that fits seq_len."""
+def load_init(spec: str, seq_len: int, dtype: str = "float32"):
+    """The checkpoint to tune: a torch model with a chat template that fits seq_len. In fp32, but for
+    QLoRA in bf16 (its block projections become NF4; an 8B base never needs 32 GB of host memory)."""
     if not spec:
         raise QtError("no model to fine-tune: pass --init (a checkpoint directory, a .gguf or SmolLM2-135M-Instruct)")
-    ckpt = load(spec, dtype="float32")
+    ckpt = load(spec, dtype=dtype)
     if ckpt.model is None or (ckpt.model.config.quantization or {}).get("scheme") not in (None, "fp32", "float32"):
         raise QtError(f"{spec} is a quantized or ONNX checkpoint; fine-tune its full-precision source "
                       "(--qlora quantizes the base itself)")
@@ -127,7 +128,7 @@ class Tuning:
 
     def __init__(self, s: Finetune):
         self.s = s
-        self.ckpt = load_init(s.init, s.seq_len)
+        self.ckpt = load_init(s.init, s.seq_len, "bfloat16" if s.qlora else "float32")
         self.tokenizer, self.cfg = self.ckpt.tokenizer, self.ckpt.model.config
         self.pad_id = next(i for i in (self.cfg.pad_token_id, self.tokenizer.eos_id, 0) if i is not None)
         self.adapter = None

@@ -54,6 +54,8 @@ def quantize_base(model: nn.Module, device: torch.device) -> None:
     for block in model.model.layers:
         for parent in (block.self_attn, block.mlp):
             for name, lin in list(parent.named_children()):
+                if not isinstance(lin, nn.Linear):  # Qwen3's per-head norms (or their Identity stand-ins)
+                    continue
                 q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                       compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
                 q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4")
