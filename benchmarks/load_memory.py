@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from qt_serve import fast
 
 # Llama-3.2-1B's published config.json (meta-llama/Llama-3.2-1B): 1.24 B parameters, tied embeddings.
 SHAPE = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -80,7 +81,7 @@ def main() -> None:
         print(f"{kind:24s} peak {r['peak_gib']:.2f} GiB = {r['peak_over_disk']:.2f}x disk after a forward "
               f"(after loading {r['loaded_kib'] / 2**20:.2f} GiB, imports {r['imports_kib'] / 2**20:.2f} GiB), "
               f"load {r['seconds']} s, {r['dtype']}", flush=True)
-    result = {"disk_gib": round(disk / 2**30, 3), "shards": shards, "shape": SHAPE, "cpu": platform.processor(),
+    result = {"disk_gib": round(disk / 2**30, 3), "shards": shards, "shape": SHAPE, "cpu": fast.cpu_name(),
               "python": sys.version.split()[0], "runs": rows, "target": "qt-bfloat16 peak_over_disk < 1.3"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
