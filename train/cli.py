@@ -134,10 +134,17 @@ def merge_main(args) -> int:
 
 def plan_main(args) -> int:
     from qt_serve.config import ModelConfig
-    from train.planner import format_plan, plan
+    from train.planner import TARGETS, finetune_plan, format_finetune_plan, format_plan, plan, preset
 
-    if bool(args.recipe) == bool(args.config):
-        raise QtError("give a model: --recipe NAME or --config CHECKPOINT_DIR_OR_CONFIG_JSON (one of them)")
+    if sum(bool(x) for x in (args.recipe, args.config, args.preset)) != 1:
+        raise QtError("give a model: --recipe NAME, --config CHECKPOINT_DIR_OR_CONFIG_JSON or --preset NAME "
+                      "(one of them)")
+    tuning = [flag for flag, v in (("--qlora", args.qlora), ("--grad-checkpointing", args.grad_checkpointing),
+                                   ("--precision", args.precision), ("--lora-targets", args.lora_targets)) if v]
+    if tuning and not args.task:
+        raise QtError(f"{', '.join(tuning)} {'go' if len(tuning) > 1 else 'goes'} with --task sft|dpo "
+                      "(the plan of a LoRA / QLoRA fine-tuning run)")
+    name = args.recipe or args.preset or args.config
     if args.recipe:
         from train.data import prepare
         from train.pretrain import Settings
@@ -150,9 +157,18 @@ def plan_main(args) -> int:
         cfg = ModelConfig(**{"vocab_size": vocab, **r["model"],
                              "max_position_embeddings": max(seq, r["model"].get("max_position_embeddings", 0))})
     else:
-        path = Path(args.config)
-        cfg = ModelConfig.load(path / "config.json" if path.is_dir() else path)
+        if args.preset:
+            cfg = preset(args.preset)
+        else:
+            path = Path(args.config)
+            cfg = ModelConfig.load(path / "config.json" if path.is_dir() else path)
         seq, mb = args.seq_len or min(2048, cfg.max_position_embeddings), args.micro_batch or 1
+    if args.task:
+        targets = [t.strip() for t in (args.lora_targets or ",".join(TARGETS)).split(",") if t.strip()]
+        result = finetune_plan(cfg, seq, mb, args.memory_gb * 2**30, args.task, args.lora_rank, targets,
+                               args.qlora, args.precision or "bf16", args.grad_checkpointing, name=name)
+        print(json.dumps(result, indent=2) if args.json else format_finetune_plan(result))
+        return 0
     result = plan(cfg, seq, mb, args.memory_gb * 2**30, args.lora_rank)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0
@@ -233,6 +249,16 @@ def main(argv=None) -> int:
     pl.add_argument("--micro-batch", type=positive, default=None)
     pl.add_argument("--lora-rank", type=positive, default=16)
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    from train.planner import PRESETS
+
+    pl.add_argument("--preset", default=None, help=f"a published model's shape: {', '.join(PRESETS)}")
+    pl.add_argument("--task", choices=("sft", "dpo"), default=None,
+                    help="plan one LoRA / QLoRA fine-tuning step as qt-train sft|dpo runs it: the memory breakdown "
+                         "at its peak, fits?, the largest micro-batch and seq_len")
+    pl.add_argument("--qlora", action="store_true", help="with --task: 4-bit NF4 base (as qt-train --qlora)")
+    pl.add_argument("--grad-checkpointing", action="store_true", help="with --task: as qt-train --grad-checkpointing")
+    pl.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="with --task: autocast (default bf16)")
+    pl.add_argument("--lora-targets", default=None, help="with --task: comma-separated projections (default all seven)")
 
     pr = sub.add_parser("pairs", help="preference pairs for DPO (JSONL) from arena votes or AlpacaEval")
     src = pr.add_mutually_exclusive_group(required=True)

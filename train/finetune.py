@@ -128,7 +128,8 @@ class Tuning:
 
     def __init__(self, s: Finetune):
         self.s = s
-        self.ckpt = load_init(s.init, s.seq_len, "bfloat16" if s.qlora else "float32")
+        self.dtype = "bfloat16" if s.qlora else "float32"
+        self.ckpt = load_init(s.init, s.seq_len, self.dtype)
         self.tokenizer, self.cfg = self.ckpt.tokenizer, self.ckpt.model.config
         self.pad_id = next(i for i in (self.cfg.pad_token_id, self.tokenizer.eos_id, 0) if i is not None)
         self.adapter = None
@@ -226,12 +227,20 @@ class PreferenceTuning(Tuning):
                 digest.update(np.asarray(e.chosen_ids + [-1] + e.rejected_ids).tobytes())
         self.data_id = digest.hexdigest()[:16]
         self.summary = f"{self.splits['train'].count:,} train pairs, {self.splits['val'].count:,} validation pairs"
-        reference = load_init(s.reference, s.seq_len).model if s.reference else self.ckpt.model
+        if s.qlora and not s.reference:
+            return  # the reference is the quantized base, scored in build() (a 16 GB bf16 8B never meets the GPU)
+        reference = load_init(s.reference, s.seq_len, self.dtype).model if s.reference else self.ckpt.model
         if reference.config.vocab_size != self.cfg.vocab_size:
             raise QtError(f"--reference {s.reference} has a vocabulary of {reference.config.vocab_size} tokens, "
                           f"{s.init} one of {self.cfg.vocab_size}: the reference must share the tuned model's "
                           "tokenizer (usually its starting checkpoint)")
         self.reference_logps(reference)
+
+    def build(self):
+        model = super().build()
+        if self.s.qlora and not self.s.reference:  # the adapter starts at zero: this is the quantized base
+            self.reference_logps(model)  # before a resume loads the trained adapter
+        return model
 
     @torch.no_grad()
     def reference_logps(self, model) -> None:

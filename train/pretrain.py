@@ -444,7 +444,9 @@ class Trainer:
             return ""  # the weights are sharded across ranks
         self.model.eval()
         prompt = self.task.prompt()
-        llm = LLM(Checkpoint(self.model, self.task.tokenizer, {}, "training"), optimize=False)
+        # A KV cache for this sample only, not the model's whole context (32 GiB in fp32 for Llama-3.1-8B).
+        llm = LLM(Checkpoint(self.model, self.task.tokenizer, {}, "training"),
+                  max_seq_len=min(len(prompt) + self.s.sample_tokens, self.model.max_seq_len), optimize=False)
         params = SamplingParams(max_tokens=self.s.sample_tokens, temperature=0.8, top_p=0.95, seed=0)
         text = self.task.tokenizer.decode(prompt) + llm.generate(prompt, params).text
         self.model.train()
