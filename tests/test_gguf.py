@@ -23,18 +23,23 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, model, tokenizer, qtype=QT.F32, arch="llama", tok_model="gpt2", f64_tensor=False, raw=None):
-    """`raw` maps GGUF tensor names to (bytes as uint8 rows, quantization type), written as they are."""
-    cfg = model.config
-    w = gguf.GGUFWriter(str(path), arch)
+def add_shape(w, cfg, rope_theta: float) -> None:
+    """The model's sizes as GGUF metadata; `cfg` is a qt ModelConfig or a transformers config (same names)."""
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_freq_base(rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+
+
+def write_gguf(path, model, tokenizer, qtype=QT.F32, arch="llama", tok_model="gpt2", f64_tensor=False, raw=None):
+    """`raw` maps GGUF tensor names to (bytes as uint8 rows, quantization type), written as they are."""
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    add_shape(w, cfg, cfg.rope_theta)
     spec = json.loads(tokenizer.tok.to_str())
     vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
     tokens = [t for t, _ in vocab]

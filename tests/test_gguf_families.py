@@ -20,7 +20,7 @@ from qt_serve.config import ModelConfig
 from qt_serve.errors import QtError
 from qt_serve.model import rope_inv_freq
 
-from test_gguf import permute, write_gguf
+from test_gguf import add_shape, permute, write_gguf
 from conftest import tiny_model
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -111,14 +111,7 @@ def write_hf_gguf(path, hf, arch, vocab, sliding_window=None):
     rope = cfg.rope_parameters
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(rope["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    add_shape(w, cfg, rope["rope_theta"])
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     if arch == "llama":  # LlamaModel.set_gguf_parameters
