@@ -158,7 +158,7 @@ def patch_attention():
         ck.view(-1, D).index_copy_(0, idx, k.reshape(-1, D))
         cv.view(-1, D).index_copy_(0, idx, v.reshape(-1, D))
         L = self.length
-        return grouped_attention(q, ck[:, :, :L], cv[:, :, :L], self.mask)
+        return grouped_attention(q, ck[:, :, :L], cv[:, :, :L], self.masks[self.cache.windows[layer]])
 
     kv.BatchAttention.__call__ = batch_call
     return lambda: (setattr(kv.BatchAttention, "__call__", orig_b), setattr(kv.RaggedBatch, "__call__", orig_r))

@@ -175,12 +175,16 @@ def read_tensors(directory: Path, dtype: torch.dtype | None = None) -> dict[str,
 def runnable_dtype(dtype: torch.dtype, device) -> torch.dtype:
     """`dtype`, or float32 with a warning when this device cannot compute in it (a GPU without bf16,
     a torch build without half-precision CPU kernels): tried on a small matmul, as the model would."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise QtError(f"device {device}: this torch build sees no CUDA GPU (torch {torch.__version__}); "
+                      "use --device cpu, or install a CUDA build of torch")
     if dtype == torch.float32:
         return dtype
     try:
         x = torch.ones(2, 8, dtype=dtype, device=device)
         torch.nn.functional.linear(x, x).sum().item()
-        if torch.device(device).type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        if (torch.device(device).type == "cuda" and dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(device)[0] < 8):  # torch would emulate it, slowly
             raise RuntimeError("this GPU has no bfloat16 arithmetic (compute capability < 8.0)")
     except RuntimeError as e:
         warnings.warn(f"{dtype} cannot run on {device} ({e}); loading the weights as float32 instead",
@@ -254,7 +258,7 @@ def load(spec: str | Path, dtype: str | torch.dtype | None = None, device="cpu",
     """Load a checkpoint dir, an HF directory, a .gguf file, or a known model name.
 
     `load_in` "int8" | "int4" quantizes the block projections with bitsandbytes (LLM.int8 / NF4) as they
-    move to a CUDA device, so an 8B model serves from ~5.5 GB of GPU memory; done by quant/ (entry
+    move to a CUDA device, so an 8B model needs ~6 GB of GPU memory for its weights; done by quant/ (entry
     point group `qt_serve.load_in`). On CPU use `qt-quant MODEL --to int8|int4` instead."""
     from qt_serve import gguf_import, hub
 
@@ -267,6 +271,10 @@ def load(spec: str | Path, dtype: str | torch.dtype | None = None, device="cpu",
         quantize = load_in_quantizer(load_in, device)
         dtype, device = dtype or torch.float16, "cpu"  # built on the host, quantized on the way to the GPU
     path = Path(spec)
+    if quantize is not None and path.is_dir():
+        scheme = (ModelConfig.load(path / "config.json").quantization or {}).get("scheme")
+        if scheme not in (None, *CAST_SCHEMES):
+            raise QtError(f"{spec} is already quantized ({scheme}); --load-in quantizes a full-precision checkpoint")
     if path.suffix == ".gguf":
         if not path.is_file():
             raise QtError(f"GGUF file {path} does not exist")
@@ -279,8 +287,6 @@ def load(spec: str | Path, dtype: str | torch.dtype | None = None, device="cpu",
                           f"({', '.join(hub.KNOWN)})")
         ckpt = load_dir(path, dtype, device, max_seq_len)
     if quantize is not None:
-        if ckpt.model is None or ckpt.config.quantization:
-            raise QtError(f"{spec} is already quantized; --load-in quantizes a full-precision checkpoint")
         ckpt.model = quantize(ckpt.model, load_in, target)
     return ckpt
 
@@ -298,6 +304,10 @@ def load_in_quantizer(scheme: str, device) -> Callable:
         raise QtError(f"--load-in {scheme} quantizes with bitsandbytes, which needs a CUDA GPU (device is {device}); "
                       f"on CPU convert once with `qt-quant MODEL --to {scheme}` (qt's own CPU kernels) and serve "
                       "that directory")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise QtError(f"--load-in {scheme} needs bitsandbytes: pip install -e '.[gpu]'") from None
     found = {ep.name: ep for ep in entry_points(group="qt_serve.load_in")}
     if scheme not in found:
         raise QtError(f"--load-in {scheme} needs qt's quant/ package: pip install -e '.[gpu]'")

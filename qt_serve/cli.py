@@ -32,7 +32,6 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="weight dtype (default: the checkpoint's)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    add_load_in_flag(ap)
     ap.add_argument("--max-seq-len", type=positive, default=4096, help="context length to allocate the KV cache for")
 
 
@@ -57,6 +56,7 @@ def chat_main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="qt-chat", description="Chat with a model in the terminal.",
                                  epilog=CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(ap)
+    add_load_in_flag(ap)
     ap.add_argument("--system", default=None, help="system prompt")
     ap.add_argument("--temperature", type=float, default=None, help="default: the model's (generation_config.json)")
     ap.add_argument("--top-p", type=float, default=None, help="default: the model's")

@@ -124,8 +124,10 @@ class ModelConfig:
         d = {"architectures": [FAMILIES[self.model_type]], "hidden_act": "silu"}
         d.update(self.extra)
         for f in dataclasses.fields(self):
-            if f.name in ("sliding_window", "layer_types") and getattr(self, f.name) is None:
-                continue  # Llama has neither; Qwen keeps sliding_window (with use_sliding_window) in extra
+            if getattr(self, f.name) is None and (f.name == "layer_types" or f.name in self.extra
+                                                  or f.name == "sliding_window" and self.model_type == "llama"):
+                continue  # Llama has no window; old Qwen keeps sliding_window in extra. Mistral's null stays:
+                # without it transformers' MistralConfig would default to a 4096 window.
             if f.name not in ("output_bias", "quantization", "extra"):
                 d[f.name] = getattr(self, f.name)
         d["dtype"] = self.torch_dtype  # the name transformers ≥ 4.56 reads (it still accepts torch_dtype)
@@ -159,6 +161,8 @@ class ModelConfig:
             if rope.get("rope_type", "default") != "default":
                 known.setdefault("rope_scaling", rope)
         known["model_type"] = family
+        if family == "llama" and "sliding_window" in known:  # transformers' Llama has no window: kept, not used
+            extra["sliding_window"] = known.pop("sliding_window")
         if family in ("qwen2", "qwen3") and "layer_types" not in d:
             # Older Qwen configs keep a sliding_window that is off unless use_sliding_window: leave
             # it (and its switch) in `extra`, written back unchanged, and let windows() read them.

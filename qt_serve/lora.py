@@ -110,7 +110,8 @@ def load(directory: str | Path, ckpt: Checkpoint, name: str) -> Adapter:
                           "the adapter was trained for another model")
         if type(layer) is not nn.Linear:
             raise QtError(f"{where}: module {module} of the base is a {type(layer).__name__}, not a plain Linear "
-                          "(a quantized checkpoint?); attach adapters to an fp32/bf16/fp16 checkpoint")
+                          "(a quantized checkpoint, or --load-in?); attach adapters to an fp32/bf16/fp16 checkpoint "
+                          "loaded without --load-in")
         if not targeted(module, targets):
             raise QtError(f"{where}: it has weights for {module}, which its target_modules {targets!r} does not "
                           "target: adapter_config.json and the weights do not belong together")

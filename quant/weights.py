@@ -329,10 +329,10 @@ def load_in(model: Transformer, scheme: str, device) -> Transformer:
     norms and LM head move to `device` as they are (bitsandbytes quantizes neither tables nor the head)."""
     device = torch.device(device)
     kernels.require("bnb", scheme, device)
-    for name, child in list(model.model.layers.named_modules()):
-        if isinstance(child, nn.Linear):
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.model.layers.get_submodule(parent), leaf, LoadedIn(child, scheme, device))
+    layers = model.model.layers
+    for name in [n for n, m in layers.named_modules() if isinstance(m, nn.Linear)]:  # names: no module kept alive
+        parent, _, leaf = name.rpartition(".")
+        setattr(layers.get_submodule(parent), leaf, LoadedIn(layers.get_submodule(name), scheme, device))
     model.config.quantization = {"scheme": f"bnb-{scheme}", "runs_as": "LLM.int8 (int8 weights and row-wise activations, "
                                  "fp16 outlier columns)" if scheme == "int8" else "NF4 weights, fp16 activations"}
     return model.to(device).eval().requires_grad_(False)

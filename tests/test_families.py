@@ -182,3 +182,28 @@ def test_sharded_bf16_checkpoint_loads_shard_by_shard(tmp_path, monkeypatch):
 def test_load_in_4bit_without_cuda_says_what_to_do(tmp_path):
     with pytest.raises(QtError, match=r"needs a CUDA GPU \(device is cpu\).*qt-quant MODEL --to int4"):
         checkpoint.load(tmp_path / "not-even-read", load_in="int4")
+
+
+def test_config_round_trips_keep_what_transformers_reads(tmp_path):
+    """A Mistral without a window keeps `sliding_window: null` (transformers would default to 4096 without it);
+    a Llama config carrying a `sliding_window` key runs without one, as transformers' Llama does, and keeps it."""
+    from transformers import AutoConfig
+
+    shape = dict(SHAPE, vocab_size=64, num_hidden_layers=2)
+    for cfg, windows in ((MistralConfig(sliding_window=None, **shape), [None, None]),
+                         (LlamaConfig(**shape), [None, None])):
+        d = cfg.to_dict()
+        if cfg.model_type == "llama":
+            d["sliding_window"] = 4096  # e.g. a Mistral-derived checkpoint relabelled as Llama
+        qt = ModelConfig.from_dict(d)
+        assert qt.windows() == windows
+        (tmp_path / cfg.model_type).mkdir()
+        qt.save(tmp_path / cfg.model_type / "config.json")
+        back = AutoConfig.from_pretrained(tmp_path / cfg.model_type)
+        assert type(back) is type(cfg) and getattr(back, "sliding_window", None) == d.get("sliding_window")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
+def test_cuda_without_cuda_says_so(tiny_ckpt):
+    with pytest.raises(QtError, match="sees no CUDA GPU.*--device cpu"):
+        checkpoint.load(tiny_ckpt, device="cuda")
