@@ -27,7 +27,9 @@ EXAMPLES = """examples:
   qt-train pairs --votes ~/.cache/qt/arena.sqlite --out pairs/arena.jsonl
   qt-train pairs --alpaca SmolLM2-135M-Instruct --holdout 105 --out pairs/alpaca.jsonl
   qt-train dpo --init SmolLM2-135M-Instruct --data pairs/alpaca.jsonl --out runs/dpo
-  torchrun --nproc-per-node 2 -m train.cli pretrain --recipe tiny --out runs/ddp"""
+  torchrun --nproc-per-node 2 -m train.cli pretrain --recipe tiny --out runs/ddp
+  qt-train sweep tiny --grid "lr=1e-3,2e-3;warmup=20,100" --set max_steps=300 --out runs/sweep
+  qt-train ablate tiny --change output_bias=true --seeds 2 --out runs/output-bias"""
 
 
 def fraction(text: str) -> float:
@@ -121,6 +123,28 @@ def finetune_main(args, given: set[str]) -> int:
           f"trained, {report['tokens_per_s']:,.0f} tokens/s, peak {report['peak_memory']['host_rss_gib']:.1f} GiB "
           f"resident, {report['wall_s']:.0f} s ({report['stopped']}); "
           f"report: {Path(settings.out) / 'report.json'}")
+    return 0
+
+
+def sweep_main(args) -> int:
+    from train import sweep
+
+    fixed = {}
+    for text in args.set:
+        fixed.update(sweep.parse_pairs(text))
+    seeds = list(range(args.seeds))
+    if args.command == "sweep":
+        kind, trials = "sweep", sweep.grid_trials(sweep.parse_grid(args.grid), seeds, fixed)
+    else:
+        kind, trials = "ablation", sweep.ablation_trials([sweep.parse_pairs(c) for c in args.change], seeds, fixed)
+    summary = sweep.sweep(args.recipe, args.out, kind, trials, args.launcher, args.ray_address)
+    if summary:
+        print((Path(args.out) / "summary.md").read_text())
+        failed = [r["trial"] for r in summary["trials"] if r["state"] != "done"]
+        if failed:
+            print(f"qt-train {args.command}: {len(failed)} trial(s) not done: {', '.join(failed)}; rerun to retry",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
@@ -274,7 +298,30 @@ def main(argv=None) -> int:
     pr.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
     pr.add_argument("--max-tokens", type=positive, default=512, help="new tokens at most per model reply")
 
+    from train.sweep import LAUNCHERS
+
+    for name, text in (("sweep", "a grid of recipe changes over seeds, one run each, and a summary"),
+                       ("ablate", "the recipe and each change alone, over the same seeds, side by side")):
+        sw = sub.add_parser(name, help=text)
+        sw.add_argument("recipe", help=f"name ({', '.join(recipes.names())}) or a .toml file")
+        if name == "sweep":
+            sw.add_argument("--grid", required=True, help='"key=v1,v2;key2=v1,v2": [train] or [model] fields')
+        else:
+            sw.add_argument("--change", action="append", required=True, metavar="KEY=VALUE[,KEY=VALUE]",
+                            help="one variant (repeat for more): output_bias=true, rope_theta=500000, "
+                                 "num_hidden_layers=12,hidden_size=176 (depth for width) ...")
+        sw.add_argument("--seeds", type=positive, default=1 if name == "sweep" else 2,
+                        help=f"seeds per point, 0..N-1 (default {1 if name == 'sweep' else 2})")
+        sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change every trial alike (e.g. max_steps=300)")
+        sw.add_argument("--out", required=True, help="sweep directory (a rerun skips finished trials)")
+        sw.add_argument("--launcher", choices=LAUNCHERS, default="local",
+                        help="local: one after another here; ray: Ray tasks; slurm: a job array (see train/sweep.py)")
+        sw.add_argument("--ray-address", default=None, help="a Ray cluster to join (default: a local Ray runtime)")
+
     args = ap.parse_args(argv)
+    if args.command in ("sweep", "ablate"):
+        return run(lambda: sweep_main(args))
     if args.command == "data":
         return run(lambda: data_main(args))
     if args.command == "plan":

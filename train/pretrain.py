@@ -80,7 +80,7 @@ class Loop:
     grad_clip: float = opt(1.0, "max global grad norm; 0: off")
     precision: str = opt("fp32", "fp32 or bf16 (autocast over fp32 master weights)")
     compile: bool = opt(False, "torch.compile the model (falls back to eager if compiling fails)")
-    grad_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, ~30% slower")
+    grad_checkpointing: bool = opt(False, "recompute each block's activations in backward: less memory, about a third slower")
     seed: int = opt(0, "seed of the init and the data order")
     eval_every: int = opt(100, "validate (and sample) every N steps")
     eval_tokens: int = opt(65536, "validation tokens per evaluation")
