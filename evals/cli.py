@@ -6,7 +6,7 @@ import argparse
 
 
 def main(argv=None) -> int:
-    from evals import alpaca, arena, suite
+    from evals import alpaca, arena, report, suite
 
     ap = argparse.ArgumentParser(prog="qt-eval", description="Evaluate models and read human-eval results.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     add_ifeval(sub)
     alpaca.add_parser(sub)
     suite.add_parsers(sub)
+    report.add_parser(sub)
     sub.add_parser("lm-eval", add_help=False, help="lm-eval's own command line with --model qt: any task on a qt "
                    "checkpoint, e.g. qt-eval lm-eval --model qt --model_args pretrained=DIR --tasks arc_easy")
     args, rest = ap.parse_known_args(argv)
