@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     add_genqa(sub)
     add_glue(sub)
     add_ifeval(sub)
+    add_zeroshot(sub)
     alpaca.add_parser(sub)
     suite.add_parsers(sub)
     report.add_parser(sub)
@@ -138,6 +139,24 @@ def add_ppl(sub) -> None:
                    "else 1024)")
     p.add_argument("--stride", type=positive, help="tokens between window starts (default: half the window)")
     p.set_defaults(run=lazy_main("ppl"))
+
+
+def add_zeroshot(sub) -> None:
+    z = sub.add_parser("zeroshot", help="the zero-shot validation suite: multiple-choice tasks by log-likelihood, "
+                       "held-out perplexity", description="BIG-bench tasks and a next-line task on a held-out play, "
+                       "scored by log-likelihood (no fine-tuning, no sampling), and the perplexity of a fixed "
+                       "held-out text; the same numbers `qt-train pretrain --zeroshot N` logs at each validation. "
+                       "JSON, Markdown and a bar chart with chance marked into --out.")
+    z.add_argument("model", help="a checkpoint dir, HF Llama dir, .gguf file or known name (a torch model)")
+    z.add_argument("--tasks", nargs="+", help="some of the suite's tasks (default: all; see evals/zeroshot.py)")
+    z.add_argument("--limit", type=int, default=200, help="items per task, a fixed seeded subset (default 200; "
+                   "0: all)")
+    z.add_argument("--no-heldout", action="store_true", help="skip the held-out perplexity")
+    z.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weight dtype (default: the "
+                   "checkpoint's)")
+    z.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    z.add_argument("--out", help="output directory (default out/zeroshot-NAME)")
+    z.set_defaults(run=lazy_main("zeroshot"))
 
 
 def add_genqa(sub) -> None:

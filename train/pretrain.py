@@ -54,7 +54,7 @@ from train.data import Shards, Windows
 
 STATE = "train_state.pt"
 # Settings a resumed run may change: they do not touch the numbers it computes.
-OPERATIONAL = {"out", "resume", "log_every", "keep", "compile", "grad_checkpointing", "tdp_watts"}
+OPERATIONAL = {"out", "resume", "log_every", "keep", "compile", "grad_checkpointing", "tdp_watts", "zeroshot"}
 
 
 def opt(default, help: str):
@@ -117,6 +117,8 @@ class Settings(Loop):
     data: str | None = opt(None, "data directory made by `qt-train data` (default: the recipe's [data])")
     init_std: float = opt(0.02, "std of the normal init of matrices")
     output_bias: bool = opt(False, "LM-head bias initialised to smoothed unigram log-probs of the train split")
+    zeroshot: int = opt(0, "items per task of the zero-shot suite (evals.zeroshot) at each validation, logged "
+                           "as val_zs_*; 0: off")
 
 
 def lr_factor(step: int, warmup: int, total: int, floor: float) -> float:
@@ -169,6 +171,8 @@ class Pretraining:
     def __init__(self, s: Settings, model: dict):
         if s.data is None:
             raise QtError("no data: pass --data DIR (made by `qt-train data`) or a recipe with a [data] section")
+        if s.zeroshot < 0:
+            raise QtError(f"zeroshot must be ≥ 0 (items per task; 0: off), got {s.zeroshot}")
         self.s = s
         self.shards = Shards(s.data)
         self.tokenizer = self.shards.tokenizer
@@ -181,6 +185,10 @@ class Pretraining:
         if self.shards.splits["test"].n:
             self.splits["test"] = Windows(self.shards.splits["test"], s.seq_len, s.seed, "test")
         self.summary = f"{self.shards.splits['train'].n:,} train tokens"
+        if s.zeroshot:  # fetch the suite's data now rather than fail at the first validation
+            from evals import zeroshot  # lazily, as train/cli.py and train/dpo.py use evals
+
+            zeroshot.prepare()
 
     def build(self) -> Transformer:
         model = Transformer(self.cfg)
@@ -534,6 +542,11 @@ class Trainer:
         if self.dist.main:
             if self.task.loss_name == "cross_entropy":  # a perplexity only means something for these
                 extra = {"ppl": math.exp(min(val, 50)), **extra}
+            if getattr(self.s, "zeroshot", 0) and not (self.s.fsdp and self.dist.world > 1):  # FSDP: sharded
+                from evals import zeroshot
+
+                with self.autocast:
+                    extra |= zeroshot.validation_scores(self.model, self.task.tokenizer, self.s.zeroshot)
             extra = {f"val_{k}": v for k, v in extra.items()}
             metrics.log(self.step, val_loss=val, sample=sample, **extra)
             shown = ", ".join(f"{k[4:]} {v:.3f}" for k, v in extra.items())
