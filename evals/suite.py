@@ -159,13 +159,14 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write(result: dict, out: Path) -> None:
+def write(result: dict, out: Path, stem: str = "compare", as_markdown=markdown, as_plot=plot) -> None:
+    """OUT/STEM.json, .md (also printed) and .png of a result."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "compare.md").write_text(markdown(result))
-    plot(result, out / "compare.png")
-    print(markdown(result))
-    print(f"wrote {out / 'compare.md'}, compare.json, compare.png")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(as_markdown(result))
+    as_plot(result, out / f"{stem}.png")
+    print(as_markdown(result))
+    print(f"wrote {out / stem}.md, {stem}.json, {stem}.png")
 
 
 def run_main(args) -> int:

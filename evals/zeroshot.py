@@ -453,11 +453,7 @@ def main(args) -> int:
                       "(not an ONNX graph, not a directory without tokenizer.json)")
     result = {"model": str(args.model), **evaluate(ckpt.model, ckpt.tokenizer, names, args.limit or None,
                                                    with_heldout=not args.no_heldout)}
-    out = Path(args.out or f"out/zeroshot-{Path(str(args.model)).name}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "zeroshot.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "zeroshot.md").write_text(markdown(result))
-    plot(result, out / "zeroshot.png")
-    print(markdown(result))
-    print(f"wrote {out / 'zeroshot.json'}, {out / 'zeroshot.md'}, {out / 'zeroshot.png'}")
+    from evals import suite
+
+    suite.write(result, Path(args.out or f"out/zeroshot-{Path(str(args.model)).name}"), "zeroshot", markdown, plot)
     return 0
