@@ -226,12 +226,6 @@ def config_section(runs: list[Run]) -> str:
     return f'{head}<details><summary>Full config ({len(keys)} keys)</summary>{full}</details>'
 
 
-def smooth(values: list[float]) -> list[float]:
-    """A trailing moving average over about 2% of the points (as train.progress.plot_losses)."""
-    k = max(1, len(values) // 50)
-    return [sum(values[max(0, j - k + 1):j + 1]) / len(values[max(0, j - k + 1):j + 1]) for j in range(len(values))]
-
-
 def curve(runs: list[Run], key: str, ylabel: str, log: bool | None = None) -> str | None:
     fig, axes = figure()
     ax, drawn, values = axes[0][0], False, []
@@ -257,6 +251,8 @@ def curve(runs: list[Run], key: str, ylabel: str, log: bool | None = None) -> st
 
 
 def loss_plot(runs: list[Run]) -> str | None:
+    from train.progress import smooth
+
     fig, axes = figure(height=4.6)
     ax, drawn = axes[0][0], False
     for i, r in enumerate(runs):

@@ -16,7 +16,7 @@ uniform random pick.
 Three decision rules are computed (`grade`): acc, the summed log-probability of the choice's tokens
 (BIG-bench's rule); acc_norm, the same per UTF-8 byte of the choice; acc_pmi, log p(choice | context) -
 log p(choice | a neutral context). A task's `rule` says which one is its accuracy (evals/README.md says
-why). The choices of an item share one copy of its context in a row (`TreeAttention`).
+why). The choices of an item share one copy of its context in a row (`qt_serve.kv.MaskedAttention`).
 
 `heldout` is the perplexity and bits per byte of one fixed text that no qt corpus contains
 (benchmarks/data/passage.txt, as `qt-eval ppl` uses), in `evals.ppl`'s strided windows of 255 tokens;
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from qt_serve.errors import QtError
+from qt_serve.kv import MaskedAttention
 
 
 @dataclass(frozen=True)
@@ -197,26 +197,6 @@ def encode(tokenizer, context: str, choices: tuple[str, ...], max_len: int
     return tuple(ctx[-keep:]), conts, len(ctx) > keep
 
 
-class TreeAttention:
-    """Attention under an explicit (B, 1, S, S) mask, passed to `Transformer.forward` in the place of a KV
-    cache (`cache.bind(pos)` -> `attend(layer, q, k, v)`): no cache, only another mask, from outside the
-    model. It lets the choices of an item share one copy of its context in a row: each choice's tokens see
-    the context and their own earlier tokens, not the other choices."""
-
-    def __init__(self, mask: torch.Tensor, pos: torch.Tensor, windows: list[int | None]):
-        self.layer_mask = {None: mask}
-        for w in set(windows) - {None}:  # a sliding window limits what a query sees by position
-            self.layer_mask[w] = mask & (pos[:, None, :] > pos[:, :, None] - w)[:, None]
-        self.windows = windows
-
-    def bind(self, pos):
-        return self
-
-    def __call__(self, layer: int, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.layer_mask[self.windows[layer]],
-                                              enable_gqa=q.shape[1] != k.shape[1])
-
-
 def row_layout(ctx: tuple[int, ...], choices: tuple[tuple[int, ...], ...]):
     """One packed row, context then every choice: (ids, positions, branch of each token (-1: context),
     and for each choice the indices whose logits predict its tokens)."""
@@ -235,7 +215,7 @@ def logprobs(model, rows: list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...
              ) -> list[list[float]]:
     """For each (context ids, choices' ids): each choice's summed log-probability given the context.
 
-    A row holds the context once and all its choices after it (`TreeAttention`); rows are sorted by
+    A row holds the context once and all its choices after it (`MaskedAttention`); rows are sorted by
     length and right-padded into batches of at most `max_tokens` positions; the LM head runs only where a
     choice token is predicted (`logit_index`), so a large vocabulary costs little."""
     device = next(model.parameters()).device
@@ -270,7 +250,7 @@ def logprobs(model, rows: list[tuple[tuple[int, ...], tuple[tuple[int, ...], ...
                 flat = [a for c in row_at for a in c]
                 at[r, :len(flat)] = torch.tensor(flat)
                 targets[r, :len(flat)] = torch.tensor([t for c in choices for t in c])
-            attend = TreeAttention(mask[:, None].to(device), pos.to(device), windows)
+            attend = MaskedAttention(mask[:, None].to(device), pos.to(device), windows)
             logits = model(ids.to(device), pos.to(device), cache=attend, logit_index=at.to(device)).float()
             lp = torch.log_softmax(logits, -1).gather(-1, targets.to(device)[..., None])[..., 0].cpu()
             for r, i in enumerate(batch):

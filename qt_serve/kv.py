@@ -80,6 +80,25 @@ class BatchAttention:
                                               enable_gqa=q.shape[1] != k.shape[1])
 
 
+class MaskedAttention:
+    """Attention under an explicit (B, 1, S, S) mask over this forward's own tokens, no cache: passed to
+    `Transformer.forward` where a cache goes (`bind(pos)` -> `attend(layer, q, k, v)`), so masks such as
+    packed documents (train/sft.py) or an item's choices sharing one context (evals/zeroshot.py) come
+    from outside the model. pos (B, S): each token's position, by which a layer's sliding window cuts."""
+
+    def __init__(self, mask: torch.Tensor, pos: torch.Tensor, windows: list[int | None]):
+        self.windows = windows
+        self.masks = {w: mask if w is None else mask & (pos[:, None, :] > pos[:, :, None] - w)[:, None]
+                      for w in set(windows) | {None}}
+
+    def bind(self, pos) -> MaskedAttention:
+        return self
+
+    def __call__(self, layer: int, q, k, v):  # q (B, H, S, D); k, v (B, H_kv, S, D)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[self.windows[layer]],
+                                              enable_gqa=q.shape[1] != k.shape[1])
+
+
 class RaggedBatch:
     """Several sequences' new tokens in one row (1, N): segment i is cache row rows[i] at positions[i].
 

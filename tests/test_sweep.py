@@ -44,7 +44,7 @@ def test_grid_parser():
     with pytest.raises(QtError, match=r"'lrr' is not a recipe field.*the fields are: .*\blr\b.*warmup"):
         sweep.parse_grid("lrr=1e-3")
     for bad, message in (("lr", "not key=v1"), ("lr=", "no values"), ("lr=1;lr=2", "appears twice"),
-                         ("", "empty grid"), ("out=/x", "not a recipe field")):
+                         ("", "empty grid"), ("out=/x", "not a recipe field"), ("lr=1e-3,0.001", "repeats a value")):
         with pytest.raises(QtError, match=message):
             sweep.parse_grid(bad)
 
@@ -57,6 +57,13 @@ def test_trials_of_a_grid_and_of_an_ablation():
     assert [(t.variant, t.seed) for t in abl] == [("baseline", 0), ("baseline", 1), ("output_bias=True", 0),
                                                   ("output_bias=True", 1), ("rope_theta=500000.0", 0),
                                                   ("rope_theta=500000.0", 1)]
+    with pytest.raises(QtError, match="different, non-empty"):
+        sweep.ablation_trials([{"lr": 1}, {"lr": 1}], [0], {})
+
+
+def test_a_directory_that_is_no_sweep_says_so(tmp_path):
+    with pytest.raises(QtError, match="not a sweep directory"):
+        sweep.run_trial(tmp_path, 0)
 
 
 def test_a_local_sweep_records_a_failure_goes_on_and_skips_what_is_done(tmp_path, recipe, capsys):

@@ -109,6 +109,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
+def smooth(values: list[float], k: int | None = None) -> list[float]:
+    """A trailing moving average over k points (default: about 2% of them)."""
+    k = k or max(1, len(values) // 50)
+    return [sum(values[max(0, j - k + 1):j + 1]) / len(values[max(0, j - k + 1):j + 1]) for j in range(len(values))]
+
+
 def plot_losses(runs: dict[str, str | Path], png: str | Path, title: str = "loss") -> Path:
     """Train loss (smoothed) and validation loss against step, one colour per run, into one PNG."""
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -121,9 +127,7 @@ def plot_losses(runs: dict[str, str | Path], png: str | Path, title: str = "loss
         val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
         if train:
             steps, loss = zip(*train)
-            k = max(1, len(loss) // 50)  # moving average over ~2% of the run
-            smooth = [sum(loss[max(0, j - k + 1):j + 1]) / len(loss[max(0, j - k + 1):j + 1]) for j in range(len(loss))]
-            ax.plot(steps, smooth, color=colour, alpha=0.8, label=f"{label} train")
+            ax.plot(steps, smooth(list(loss)), color=colour, alpha=0.8, label=f"{label} train")
         if val:
             ax.plot(*zip(*val), "o--", color=colour, label=f"{label} val")
     ax.set_xlabel("optimizer step")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from qt_serve.errors import QtError
+from qt_serve.kv import MaskedAttention
 from qt_serve.tokenizer import Tokenizer
 from train.chats import Skipped
 from train.data import Epochs
@@ -126,25 +127,15 @@ class PackedRows:
         return {"ids": self.ids[idx], "target": self.target[idx], "pos": self.pos[idx], "doc": self.doc[idx]}
 
 
-class DocumentMask:
-    """The model's attention hook (`Transformer.forward(..., cache=...)`) for packed rows: each query
-    attends causally within its own example only (and within a layer's sliding window, if it has
-    one). doc, pos: (B, S) example numbers (-1 for padding) and positions within the example."""
+class DocumentMask(MaskedAttention):
+    """The model's attention hook for packed rows: each query attends causally within its own example only
+    (and within a layer's sliding window, if it has one). doc, pos: (B, S) example numbers (-1 for
+    padding) and positions within the example (which count up from 0, so the window compares them)."""
 
     def __init__(self, doc: torch.Tensor, pos: torch.Tensor, windows: list[int | None]):
         S = doc.shape[1]
         causal = torch.ones(S, S, dtype=torch.bool, device=doc.device).tril()
-        same = ((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1)  # (B, 1, S, S)
-        # Within one example positions count up from 0, so the window compares positions.
-        self.masks = {w: same if w is None else same & (pos[:, None, :] > pos[:, :, None] - w).unsqueeze(1)
-                      for w in set(windows)}
-        self.windows = windows
-
-    def bind(self, pos):
-        def attend(layer, q, k, v):  # q (B, H, S, D); k, v (B, H_kv, S, D)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[self.windows[layer]],
-                                                  enable_gqa=k.shape[1] != q.shape[1])
-        return attend
+        super().__init__(((doc[:, :, None] == doc[:, None, :]) & causal).unsqueeze(1), pos, windows)
 
 
 def sft_loss(forward, batch: dict[str, torch.Tensor], windows: list[int | None]) -> tuple[torch.Tensor, int]:

@@ -113,6 +113,8 @@ def parse_grid(text: str) -> dict[str, list]:
         vals = [parse_value(v) for v in values.split(",") if v.strip()]
         if not vals:
             raise QtError(f"grid key {key!r} has no values")
+        if len(set(map(str, vals))) < len(vals):
+            raise QtError(f"grid key {key!r} repeats a value: {vals}")
         grid[key] = vals
     if not grid:
         raise QtError('an empty grid: give --grid "key=v1,v2;key2=..."')
@@ -134,6 +136,9 @@ def grid_trials(grid: dict[str, list], seeds: list[int], fixed: dict) -> list[Tr
 
 def ablation_trials(changes: list[dict], seeds: list[int], fixed: dict) -> list[Trial]:
     """The recipe itself, then each change alone, over the same seeds."""
+    names = [name_of(c) for c in changes]
+    if not all(changes) or len(set(names)) < len(names):
+        raise QtError(f"each --change must be a different, non-empty KEY=VALUE[,KEY=VALUE]; got {names}")
     out = []
     for change in [{}, *changes]:
         for seed in seeds:
@@ -169,6 +174,13 @@ def prepare(out: Path, recipe_spec: str, kind: str, trials: list[Trial]) -> dict
     return record
 
 
+def read_sweep(out: Path) -> dict:
+    sweep = read_json(out / "sweep.json")
+    if not isinstance(sweep, dict) or not isinstance(sweep.get("trials"), list):
+        raise QtError(f"{out} is not a sweep directory (no valid sweep.json); start one with qt-train sweep / ablate")
+    return sweep
+
+
 def status(trial_dir: Path) -> str:
     """done | failed | partial (killed: resumable) | new."""
     s = read_json(trial_dir / "status.json", missing={}).get("state")
@@ -184,7 +196,9 @@ def run_trial(out: Path, index: int) -> int:
     from train.cli import ensure_data
     from train.pretrain import Settings, pretrain
 
-    sweep = read_json(out / "sweep.json")
+    sweep = read_sweep(out)
+    if not 0 <= index < len(sweep["trials"]):
+        raise QtError(f"{out} has trials 0..{len(sweep['trials']) - 1}, not {index}")
     t = Trial(**sweep["trials"][index])
     d = out / t.name
     state = status(d)
@@ -217,7 +231,7 @@ def trial_command(out: Path, index: int) -> list[str]:
 
 def launch(out: Path, launcher: str, ray_address: str | None = None) -> None:
     """Run every unfinished trial with `launcher`; each trial's output goes to OUT/<name>/log.txt."""
-    sweep = read_json(out / "sweep.json")
+    sweep = read_sweep(out)
     todo = [i for i, t in enumerate(sweep["trials"]) if status(out / t["name"]) != "done"]
     done = len(sweep["trials"]) - len(todo)
     print(f"qt-train sweep: {len(sweep['trials'])} trials, {done} done, {len(todo)} to run ({launcher})",
@@ -237,7 +251,7 @@ def launch(out: Path, launcher: str, ray_address: str | None = None) -> None:
 
 
 def run_logged(out: Path, index: int) -> int:
-    name = read_json(out / "sweep.json")["trials"][index]["name"]
+    name = read_sweep(out)["trials"][index]["name"]
     (out / name).mkdir(parents=True, exist_ok=True)
     with open(out / name / "log.txt", "a") as log:
         return subprocess.run(trial_command(out, index), stdout=log, stderr=subprocess.STDOUT).returncode
@@ -290,12 +304,12 @@ def launch_slurm(out: Path, todo: list[int]) -> None:
 # ---- the summary ---------------------------------------------------------------------------------
 
 
-def trial_row(out: Path, t: dict) -> dict:
+def trial_row(out: Path, t: dict, rows: list[dict]) -> dict:
+    """A trial's line of the summary, from its metrics rows (empty when it never started)."""
     d = out / t["name"]
     row = {"trial": t["name"], "variant": t["variant"], "seed": t["seed"], "state": status(d)}
     if row["state"] == "failed":
         row["error"] = read_json(d / "status.json").get("error")
-    rows = progress.read_metrics(d / "metrics.jsonl") if (d / "metrics.jsonl").exists() else []
     val = [r for r in rows if "val_loss" in r]
     if val:
         row["final_val_loss"] = val[-1]["val_loss"]
@@ -312,8 +326,7 @@ def curve(rows: list[dict], key: str) -> dict[int, float]:
 
 
 def smoothed(points: dict[int, float], k: int = 5) -> dict[int, float]:
-    steps, ys = list(points), list(points.values())
-    return {s: sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i, s in enumerate(steps)}
+    return dict(zip(points, progress.smooth(list(points.values()), k)))
 
 
 def meeting_step(base: list[dict[int, float]], other: list[dict[int, float]]) -> int | None:
@@ -338,16 +351,6 @@ def meeting_step(base: list[dict[int, float]], other: list[dict[int, float]]) ->
         if all(g * sign <= n for _, g, n in gaps[i:]):
             return gaps[i][0]
     return None
-
-
-def variants(out: Path, trials: list[dict]) -> dict[str, list[dict]]:
-    """variant -> its trials' metrics rows (finished or not)."""
-    by = {}
-    for t in trials:
-        path = out / t["name"] / "metrics.jsonl"
-        if path.exists():
-            by.setdefault(t["variant"], []).append(progress.read_metrics(path))
-    return by
 
 
 def ablation_table(rows: list[dict], by: dict[str, list[list[dict]]]) -> list[dict]:
@@ -418,10 +421,15 @@ def fmt(v, digits=4) -> str:
 
 
 def summarize(out: Path) -> dict:
-    sweep = read_json(out / "sweep.json")
-    rows = [trial_row(out, t) for t in sweep["trials"]]
+    sweep = read_sweep(out)
+    metrics, by = {}, {}  # trial -> its metrics rows; variant -> its started trials' rows
+    for t in sweep["trials"]:
+        path = out / t["name"] / "metrics.jsonl"
+        metrics[t["name"]] = progress.read_metrics(path) if path.exists() else []
+        if metrics[t["name"]]:
+            by.setdefault(t["variant"], []).append(metrics[t["name"]])
+    rows = [trial_row(out, t, metrics[t["name"]]) for t in sweep["trials"]]
     rows.sort(key=lambda r: (r.get("best_val_loss") is None, r.get("best_val_loss") or 0.0))
-    by = variants(out, sweep["trials"])
     summary = {"kind": sweep["kind"], "recipe": sweep["recipe"], "trials": rows}
     suite = sorted({k for r in rows for k in r.get("suite", {})})
     lines = [f"# {sweep['kind']} of recipe `{sweep['recipe']}` ({len(rows)} trials)", "",
