@@ -6,6 +6,9 @@ FROM ${BASE}
 # --build-arg PIP_EXTRA_INDEX_URL=<PyTorch CPU wheel index> gives a smaller CPU-only image (unset by default).
 ARG PIP_EXTRA_INDEX_URL
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 QT_HOME=/data/qt
+# g++: quant's native int4/int8 kernels are compiled for the CPU that runs them, at first use (~1 min),
+# and cached under $QT_HOME/native.
+RUN apt-get update && apt-get install -y --no-install-recommends g++=4:12.2.0-3 && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY qt_serve ./qt_serve

@@ -90,7 +90,7 @@ def load(directory: str | Path, ckpt: Checkpoint, name: str) -> Adapter:
     directory = Path(directory)
     where = f"LoRA adapter {name!r} ({directory})"
     model = ckpt.model
-    if model is None or ckpt.runner is not None:
+    if model is None:
         raise QtError(f"{where}: its base {ckpt.source} runs on its own backend (ONNX Runtime), not a torch "
                       "model; attach adapters to an unquantized checkpoint, or merge the adapter and export that")
     if not directory.is_dir():

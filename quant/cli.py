@@ -21,7 +21,8 @@ def convert_main(argv) -> int:
     ap.add_argument("checkpoint", help="checkpoint dir, HF Llama dir, .gguf file or known model name")
     ap.add_argument("--to", required=True, choices=SCHEMES, help="target scheme")
     ap.add_argument("--group-size", type=positive, default=None,
-                    help="int4: weights per scale (default 32; must divide each layer's input width)")
+                    help="int8 / int4: weights per scale (default 32, llama.cpp's blocks; must divide each "
+                         "layer's input width)")
     ap.add_argument("--out", default=None, help="output directory (default: CHECKPOINT-SCHEME beside the source)")
     args = ap.parse_args(argv)
     out = convert(args.checkpoint, args.to, args.out, args.group_size)

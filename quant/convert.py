@@ -70,8 +70,8 @@ def convert(source: str | Path, to: str, out: str | Path | None = None, group_si
     """Quantize checkpoint `source` (a directory, .gguf or known name) to scheme `to`; returns the output dir."""
     if to not in SCHEMES:
         raise QtError(f"unknown scheme {to!r}; choose one of {', '.join(SCHEMES)}")
-    if group_size is not None and to not in ("int4", "onnx-int4"):
-        raise QtError(f"--group-size applies to int4 and onnx-int4, not {to}")
+    if group_size is not None and to not in ("int8", "int4", "onnx-int4"):
+        raise QtError(f"--group-size applies to int8, int4 and onnx-int4, not {to}")
     ckpt = load_source(source)
     out = Path(out) if out is not None else default_out(source, to)
     if to in CASTS:
@@ -79,7 +79,7 @@ def convert(source: str | Path, to: str, out: str | Path | None = None, group_si
     if to in ("int8", "int4"):
         from quant import weights
 
-        return weights.write(ckpt, to, out, group_size)
+        return weights.write(ckpt, to, out, group_size, gguf=gguf_of(source))
     from quant import onnx
 
     return onnx.export(ckpt, out, weights="fp32" if to == "onnx" else to[5:], gguf=gguf_of(source),

@@ -3,6 +3,9 @@
 Formats (what a quantized checkpoint stores per linear layer, W of shape (N out, K in)):
 
     int8   q (N, K) int8 in [-127, 127], scales (N,) fp32:          W ≈ q · scale[n]          (symmetric, per row)
+           or scales (N, K/G) fp16:                                  W ≈ q · scale[n, g]       (per group of G along K,
+                                                                  llama.cpp's Q8_0 at G = 32; the default since
+                                                                  2026-12-02: per row cost SmolLM2 +1.4-1.9%)
     int4   q (N, K/2) uint8, two 4-bit codes per byte (even k in the low nibble), scales and mins (N, K/G) fp16:
                                                                   W ≈ q · scale[n, g] + min[n, g]   (q in 0..15)
            asymmetric in groups of G along K, as llama.cpp's Q4_1 (5 bits per weight at G = 32).
@@ -45,23 +48,35 @@ from qt_serve import fast
 from qt_serve.errors import QtError
 
 CPU_KERNELS = {"int8": ("int8pack", "dequant", "fbgemm"), "int4": ("int4pack", "dequant", "fbgemm")}
+INT4PACK_GROUPS = (32, 64, 128, 256)  # what torch's _weight_int4pack_mm_for_cpu takes
+TWINS = {"int8pack": "int4pack", "int4pack": "int8pack"}  # the same kind of kernel for the other scheme
 ROUNDS_ACTIVATIONS = ("fbgemm",)  # not chosen by `auto`: they change the arithmetic, not only the speed
 
 
 # ---- formats ---------------------------------------------------------------------------------
 
 
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> q (N, K) int8, scales (N,) fp32; |W - q·scale| ≤ scale/2 per element."""
-    w = w.float()
-    absmax = w.abs().amax(1)
-    scale = torch.where(absmax > 0, absmax / 127, 1.0)  # an all-zero row: any scale, q = 0
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+def quantize_int8(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> q (N, K) int8, scales (N,) fp32 per row, or (N, K/G) per group of G along K
+    (llama.cpp's Q8_0 at G = 32); |W - q·scale| ≤ scale/2 per element."""
+    N, K = w.shape
+    g = w.float() if group is None else w.float().view(N, K // group, group)
+    absmax = g.abs().amax(-1)
+    scale = torch.where(absmax > 0, absmax / 127, 1.0)  # an all-zero row or group: any scale, q = 0
+    if group is not None:  # fp16, as Q8_0 and int4 store theirs, rounded up so that |q| ≤ 127 still holds
+        s16 = scale.half()
+        scale = torch.where(s16.float() < scale, torch.nextafter(s16, torch.tensor(torch.inf, dtype=torch.half)), s16)
+        if not torch.isfinite(scale).all():
+            raise ValueError("weights beyond fp16's range (±65504·127) cannot be stored as int8 group scales")
+    q = torch.round(g / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(N, K), scale
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale[..., None]
+    """(..., K) codes, scales (...) per row or (..., K/G) per group -> (..., K) fp32."""
+    if scale.dim() < q.dim():
+        return q.float() * scale[..., None]
+    return (q.float().view(*scale.shape, -1) * scale.float()[..., None]).flatten(-2)
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,8 +119,9 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tens
 # ---- what the CPU can run ------------------------------------------------------------------
 
 
-def require(kernel: str, scheme: str, device: torch.device) -> None:
-    """QtError if `kernel` cannot run `scheme` on `device` (naming the missing instruction set or package)."""
+def require(kernel: str, scheme: str, device: torch.device, group: int | None = None) -> None:
+    """QtError if `kernel` cannot run `scheme` at `group` (int8: None = a scale per row) on `device`, naming
+    the missing instruction set or package."""
     if device.type == "cuda":
         if kernel != "bnb":
             raise QtError(f"quantized kernel {kernel!r} is a CPU kernel; on cuda the kernel is bnb (bitsandbytes)")
@@ -116,7 +132,13 @@ def require(kernel: str, scheme: str, device: torch.device) -> None:
         return
     if kernel not in CPU_KERNELS[scheme]:
         raise QtError(f"quantized kernel {kernel!r} does not run {scheme} checkpoints on CPU; "
-                      f"choose one of {', '.join(CPU_KERNELS[scheme])} or auto")
+                      f"choose one of {', '.join(CPU_KERNELS[scheme])}, native or auto")
+    if group is not None and scheme == "int8" and kernel != "dequant":
+        raise QtError(f"quantized kernel {kernel!r} takes one int8 scale per row; this checkpoint has one per "
+                      "group: use dequant, native or auto")
+    if kernel == "int4pack" and group not in INT4PACK_GROUPS:
+        raise QtError(f"quantized kernel int4pack runs groups of {', '.join(map(str, INT4PACK_GROUPS))}, not "
+                      f"{group}: use dequant or auto")
     if kernel == "fbgemm":
         if "avx2" not in fast.cpu_flags():
             raise QtError("quantized kernel fbgemm needs AVX2 (FBGEMM's int8 products); this CPU lacks it. "
@@ -125,12 +147,12 @@ def require(kernel: str, scheme: str, device: torch.device) -> None:
             raise QtError("quantized kernel fbgemm: this torch build has no FBGEMM engine")
 
 
-def available(scheme: str) -> list[str]:
-    """The CPU kernels this machine can run for `scheme`."""
+def available(scheme: str, group: int | None = None) -> list[str]:
+    """The CPU kernels this machine can run for `scheme` at `group`."""
     ok = []
     for k in CPU_KERNELS[scheme]:
         try:
-            require(k, scheme, torch.device("cpu"))
+            require(k, scheme, torch.device("cpu"), group)
             ok.append(k)
         except QtError:
             pass
@@ -246,6 +268,9 @@ def runs_as(kernel: str, scheme: str) -> str:
     if kernel == "bnb":
         return ("LLM.int8: int8 weights, int8 row-wise activations with fp16 outlier columns" if scheme == "int8"
                 else "NF4 weights (re-quantized from int4, blocks of 64), fp16 activations")
+    if kernel == "native":
+        return (f"{scheme} weights in blocks of 32, int8 activations per block of 32 (llama.cpp's q8_1), "
+                "the whole step in quant/native.cpp")
     if kernel == "dequant":
         return f"{scheme} weights dequantized to fp32 at load (fp32 memory and speed), fp32 activations"
     weights = "int4" if scheme == "int4" and kernel == "int4pack" else "int8 per output channel"
@@ -259,6 +284,10 @@ def build(kernel: str, scheme: str, tensors: dict[str, torch.Tensor], bias: torc
           device: torch.device):
     """The kernel `kernel` for one layer's stored tensors {"qweight", "scales"[, "mins"]}."""
     q, scales = tensors["qweight"], tensors["scales"]
+    if kernel in TWINS and kernel not in CPU_KERNELS[scheme]:  # an int4 model's int8 LM head: the int8 twin
+        kernel = TWINS[kernel]
+    if scheme == "int8" and scales.dim() == 2 and kernel in ("int8pack", "fbgemm"):  # per-row products only
+        kernel = "dequant"
     if kernel == "bnb":
         w = dequantize_int8(q, scales) if scheme == "int8" else dequantize_int4(q, scales, tensors["mins"])
         return Bnb(w, bias, scheme, device)

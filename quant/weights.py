@@ -24,6 +24,7 @@ $QT_HOME/fast_gemv.json with fast.py's choices. The choice is `model.quant_kerne
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import time
 from pathlib import Path
@@ -41,12 +42,15 @@ from qt_serve.model import Transformer, rope_tables
 
 from quant import kernels
 
+log = logging.getLogger("quant.weights")
 SCHEMES = ("int8", "int4")
 DEFAULT_GROUP = 32
+QK = 32  # llama.cpp's block: a GGUF's int4 blocks are kept as they are at this group size
 KERNEL_ENV = "QT_QUANT_KERNEL"
 # What the tensors of one layer look like in each scheme: name -> (shape from (N, K, G), dtype).
 LAYOUT = {
-    "int8": {"qweight": (lambda n, k, g: (n, k), torch.int8), "scales": (lambda n, k, g: (n,), torch.float32)},
+    "int8": {"qweight": (lambda n, k, g: (n, k), torch.int8),
+             "scales": (lambda n, k, g: (n,) if g is None else (n, k // g), torch.float32)},  # grouped: fp16
     "int4": {"qweight": (lambda n, k, g: (n, k // 2), torch.uint8),
              "scales": (lambda n, k, g: (n, k // g), torch.float16),
              "mins": (lambda n, k, g: (n, k // g), torch.float16)},
@@ -73,10 +77,12 @@ class QuantLinear(nn.Module):
         self.impl = impl or kernels.build(kernel, self.scheme, self.tensors(), bias, self.qweight.device)
 
     def extra_repr(self) -> str:
-        group = f", group={self.group}" if self.scheme == "int4" else ""
+        group = f", group={self.group}" if self.group else ""
         return f"in={self.in_features}, out={self.out_features}, {self.scheme}{group}, kernel={self.kernel}"
 
     def forward(self, x):
+        if self.impl is None:  # served by quant.native, and now run by torch (e.g. under a LoRA adapter)
+            self.use_kernel("bnb" if self.qweight.device.type == "cuda" else kernels.CPU_KERNELS[self.scheme][0])
         y = self.impl(x.reshape(-1, self.in_features).float().contiguous())  # kernels take fp32 (M, K)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -112,10 +118,10 @@ def plan(model: Transformer, scheme: str, group: int | None) -> tuple[list[str],
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
             continue
-        if scheme == "int4" and m.in_features < group:
+        if m.in_features < group:
             kept.append(f"{name}.weight")
-        elif scheme == "int4" and m.in_features % group:
-            raise QtError(f"int4 group size {group} does not divide the input width {m.in_features} of {name}; "
+        elif m.in_features % group:
+            raise QtError(f"{scheme} group size {group} does not divide the input width {m.in_features} of {name}; "
                           "choose a group size that divides every layer's input width (e.g. 32 or 64)")
         else:
             quantized.append(name)
@@ -123,40 +129,48 @@ def plan(model: Transformer, scheme: str, group: int | None) -> tuple[list[str],
 
 
 def quantize_tensors(w: torch.Tensor, scheme: str, group: int | None, name: str) -> dict[str, torch.Tensor]:
-    if scheme == "int8":
-        q, scales = kernels.quantize_int8(w)
-        return {f"{name}.qweight": q, f"{name}.scales": scales}
     try:
+        if scheme == "int8":
+            q, scales = kernels.quantize_int8(w, group)
+            return {f"{name}.qweight": q, f"{name}.scales": scales}
         q, scales, mins = kernels.quantize_int4(w, group)
     except ValueError as e:
         raise QtError(f"{name}: {e}") from None
     return {f"{name}.qweight": q, f"{name}.scales": scales, f"{name}.mins": mins}
 
 
-def write(ckpt: Checkpoint, scheme: str, out: Path, group_size: int | None = None) -> Path:
-    """Quantize `ckpt`'s model to `scheme` into checkpoint directory `out` (atomically); the model is only read."""
+def write(ckpt: Checkpoint, scheme: str, out: Path, group_size: int | None = None, gguf: Path | None = None) -> Path:
+    """Quantize `ckpt`'s model to `scheme` into checkpoint directory `out` (atomically); the model is only read.
+
+    int4 keeps the LM head in int8 (config `head`): it is the one layer whose rounding shows in every
+    logit (SmolLM2 at int4 with an int4 head: perplexity +6.2% over fp32, LOG.md 2026-12-01). With `gguf`,
+    the llama.cpp file `ckpt` was read from, int4 layers stored there as Q4_0 / Q4_1 blocks of 32 keep
+    those blocks exactly (a second rounding of 4-bit weights lands between their levels)."""
     if scheme not in SCHEMES:
         raise QtError(f"quant.weights writes {', '.join(SCHEMES)}, not {scheme!r}")
-    if scheme == "int8" and group_size is not None:
-        raise QtError("int8 is per output channel; --group-size applies to int4")
-    group = (group_size or DEFAULT_GROUP) if scheme == "int4" else None
-    if group is not None and (group < 2 or group % 2):
-        raise QtError(f"int4 group size must be an even number ≥ 2, got {group}")
+    group = group_size or DEFAULT_GROUP
+    if group < 2 or group % 2:
+        raise QtError(f"{scheme} group size must be an even number ≥ 2, got {group}")
     model, cfg = ckpt.model, copy.deepcopy(ckpt.config)
     quantized, kept = plan(model, scheme, group)
+    head = "int8" if scheme == "int4" else scheme
+    stored = stored_blocks(gguf, cfg) if group == QK and gguf is not None else {}
     tied, H = cfg.tie_word_embeddings, cfg.hidden_size
     if tied:  # the embedding is the LM head's matrix: quantized with it (rows looked up there) or kept with it
         embedding = "lm_head" if "lm_head" in quantized else "kept"
     else:
-        embedding = scheme if scheme == "int8" or (H >= group and H % group == 0) else "kept"
+        embedding = scheme if H >= group and H % group == 0 else "kept"
     if embedding == "kept":
         kept.append("model.embed_tokens.weight")
     tensors = {}
     with torch.no_grad():
         for name, t in model.state_dict().items():
             module, _, leaf = name.rpartition(".")
-            if module in quantized and leaf == "weight":
-                tensors.update(quantize_tensors(t, scheme, group, module))
+            if module in quantized and leaf == "weight" and stored.get(module, {}).get("scheme") == (
+                    head if module == "lm_head" else scheme):
+                tensors.update(stored[module]["tensors"])
+            elif module in quantized and leaf == "weight":
+                tensors.update(quantize_tensors(t, head if module == "lm_head" else scheme, group, module))
             elif name == "model.embed_tokens.weight" and embedding == scheme:
                 tensors.update(quantize_tensors(t, scheme, group, "model.embed_tokens"))
             elif name == "model.embed_tokens.weight" and embedding == "lm_head" or name == "lm_head.weight" and tied:
@@ -164,7 +178,9 @@ def write(ckpt: Checkpoint, scheme: str, out: Path, group_size: int | None = Non
             else:
                 tensors[name] = t.float().contiguous() if t.is_floating_point() else t.contiguous()
     cfg.torch_dtype = "float32"
-    cfg.quantization = {"scheme": scheme, "group_size": group, "kept": kept, "embedding": embedding,
+    cfg.quantization = {"scheme": scheme, "group_size": group, "kept": kept, "embedding": embedding, "head": head,
+                        "gguf_blocks": sorted(m for m in stored if m in quantized and stored[m]["scheme"] == (
+                            head if m == "lm_head" else scheme)),
                         "source_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
 
     def weights(tmp: Path) -> None:
@@ -173,20 +189,43 @@ def write(ckpt: Checkpoint, scheme: str, out: Path, group_size: int | None = Non
     return write_checkpoint(out, cfg, weights, ckpt.tokenizer, ckpt.generation_config)
 
 
+def stored_blocks(gguf: Path, cfg: ModelConfig) -> dict[str, dict]:
+    """{module name: {"scheme", "tensors"}} for every layer a llama.cpp file stores in blocks of 32, in this
+    module's formats at group 32 and exactly: Q4_1 (W = q·d + m) and Q4_0 (W = (q - 8)·d, so m = -8·d) as
+    int4, Q8_0 (W = q·d) as int8; d and m are fp16 in the file, so nothing is rounded."""
+    from quant.onnx import gguf_blocks
+
+    out = {}
+    for name, b in gguf_blocks(gguf, cfg).items():
+        d = torch.from_numpy(b.d)
+        if b.bits == 8:  # Blocks keep Q8_0's codes as q + 128
+            q = (torch.from_numpy(b.q).to(torch.int16) - 128).to(torch.int8)
+            out[name] = {"scheme": "int8", "tensors": {f"{name}.qweight": q, f"{name}.scales": d.half()}}
+            continue
+        m = torch.from_numpy(b.m).half() if b.m is not None else -8 * d.half()
+        out[name] = {"scheme": "int4", "tensors": {f"{name}.qweight": kernels.pack_int4(torch.from_numpy(b.q)),
+                                                   f"{name}.scales": d.half(), f"{name}.mins": m}}
+    return out
+
+
 # ---- loading -------------------------------------------------------------------------------------
 
 
-def swap_modules(model: Transformer, scheme: str, group: int | None, kept: list[str],
-                 dtype: torch.dtype) -> None:
-    """Replace, in place, each nn.Linear not in `kept` by a QuantLinear, and the embedding as config says."""
+def swap_modules(model: Transformer, scheme: str, group: int | None, kept: list[str], dtype: torch.dtype,
+                 head: str | None = None, embedding: str | None = None) -> None:
+    """Replace, in place, each nn.Linear not in `kept` by a QuantLinear (the LM head in `head`'s scheme,
+    default `scheme`), and the embedding as config says (a tied one in the head's scheme)."""
+    head = head or scheme
     for full, child in list(model.named_modules()):
         if isinstance(child, nn.Linear) and f"{full}.weight" not in kept:
             parent, _, leaf = full.rpartition(".")
-            setattr(model.get_submodule(parent), leaf,
-                    QuantLinear(child.in_features, child.out_features, child.bias is not None, scheme, group))
+            s = head if full == "lm_head" else scheme
+            setattr(model.get_submodule(parent), leaf, QuantLinear(child.in_features, child.out_features,
+                                                                   child.bias is not None, s, group))
     if "model.embed_tokens.weight" not in kept:
         emb = model.model.embed_tokens
-        model.model.embed_tokens = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, scheme, group, dtype)
+        s = head if embedding == "lm_head" else scheme
+        model.model.embed_tokens = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, s, group, dtype)
 
 
 def check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -209,12 +248,13 @@ def load(directory: Path, cfg: ModelConfig, dtype: torch.dtype | None = None, de
     directory, device = Path(directory), torch.device(device)
     info = cfg.quantization or {}
     scheme, group, kept = info.get("scheme"), info.get("group_size"), list(info.get("kept") or [])
-    if scheme not in SCHEMES or (scheme == "int4" and not (isinstance(group, int) and group >= 2)):
+    if (scheme not in SCHEMES or not (isinstance(group, int) and group >= 2 or scheme == "int8" and group is None)
+            or info.get("head", scheme) not in SCHEMES):
         raise QtError(f"{directory}/config.json: bad quantization record {info}")
     dtype = dtype or DTYPES.get(cfg.torch_dtype, torch.float32)
     with torch.device("meta"):
         model = Transformer(cfg, max_seq_len)
-        swap_modules(model, scheme, group, kept, dtype)
+        swap_modules(model, scheme, group, kept, dtype, info.get("head"), info.get("embedding"))
     expected = model.state_dict()
     tied_quant = cfg.tie_word_embeddings and isinstance(model.model.embed_tokens, QuantEmbedding)
     tied_names = [k for k in expected if k.startswith("model.embed_tokens.")] if tied_quant else []
@@ -233,11 +273,47 @@ def load(directory: Path, cfg: ModelConfig, dtype: torch.dtype | None = None, de
         for p in model.parameters():
             p.data = p.data.to(dtype)
     model.eval().requires_grad_(False)
-    use_kernel(model, device)
-    return model, None
+    runner = native_runner(model, device)
+    if runner is None:
+        use_kernel(model, device)
+    return model, runner
 
 
 # ---- choosing the kernel -------------------------------------------------------------------------
+
+
+def native_runner(model: Transformer, device: torch.device):
+    """A factory of `quant.native.NativeRunner` over `model` when its kernel is native: forced
+    ($QT_QUANT_KERNEL=native; an error says why it cannot be), or `auto` where native.cpp builds with SIMD
+    products (AVX2 or AVX-512 VNNI) and runs this model. Else None: torch's kernels (`use_kernel`).
+
+    `auto` takes native without timing it against torch's kernels: a decode step in torch eager costs
+    ~6.5 ms of op overhead on SmolLM2 before any weight is read, native.cpp's whole step ~5 ms (LOG.md
+    2026-12-02). Its activations are rounded per block of 32 to int8 (llama.cpp's q8_1), which moved
+    SmolLM2's perplexity by the figure LOG.md gives; QT_QUANT_KERNEL=dequant keeps them fp32."""
+    from quant import native
+
+    kernel = os.environ.get(KERNEL_ENV) or "auto"
+    if device.type != "cpu" or kernel not in ("auto", "native"):
+        return None
+    why = native.unsupported(model)
+    if why is None:
+        try:
+            isa = native.extension().isa()
+            if kernel == "auto" and isa not in native.SIMD:
+                why = f"native.cpp built here without SIMD products ({isa}); auto leaves it to torch's kernels"
+        except QtError as e:
+            why = str(e)
+    if why is not None:
+        if kernel == "native":
+            raise QtError(f"{KERNEL_ENV}=native: {why}")
+        log.info("int8/int4 on torch's kernels: %s", why)
+        return None
+    runs_as = kernels.runs_as("native", model.config.quantization["scheme"]) + f" ({isa})"
+    model.quant_kernel = {"kernel": "native", "source": "forced" if kernel == "native" else "auto", "runs_as": runs_as}
+    model.config.quantization = {**model.config.quantization, "kernel": "native", "runs_as": runs_as}
+    return lambda: native.NativeRunner(model)
+
 
 
 def use_kernel(model: Transformer, device: torch.device | str = "cpu", kernel: str | None = None) -> dict:
@@ -258,10 +334,10 @@ def use_kernel(model: Transformer, device: torch.device | str = "cpu", kernel: s
     if device.type == "cuda":
         kernel = "bnb" if kernel == "auto" else kernel
     if kernel != "auto":
-        kernels.require(kernel, scheme, device)
+        kernels.require(kernel, scheme, device, layers[0].group)
         chosen = {"kernel": kernel, "source": "forced"}
     else:
-        cands = [k for k in kernels.available(scheme) if k not in kernels.ROUNDS_ACTIVATIONS]
+        cands = [k for k in kernels.available(scheme, layers[0].group) if k not in kernels.ROUNDS_ACTIVATIONS]
         if not cands:
             raise QtError(f"no CPU kernel for {scheme} runs here")
         chosen = {"kernel": cands[0], "source": "only"}

@@ -49,8 +49,8 @@ def test_cast_is_half_size_and_loads_in_transformers(source, to, dtype, tmp_path
 def test_cli_and_bad_input(source, tmp_path, capsys):
     assert main([str(source), "--to", "bf16", "--out", str(tmp_path / "b")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "b")
-    assert main([str(source), "--to", "bf16", "--group-size", "64"]) == 2  # group size is for int4 only
-    assert "--group-size applies to int4" in capsys.readouterr().err
+    assert main([str(source), "--to", "bf16", "--group-size", "64"]) == 2  # group size is for int8 / int4 only
+    assert "--group-size applies to int8, int4 and onnx-int4, not bf16" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(source), "--to", "int3"])  # argparse lists the choices
     assert main([str(tmp_path / "nowhere"), "--to", "fp16"]) == 2

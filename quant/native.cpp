@@ -1,0 +1,468 @@
+// qt's native CPU decoder: the forward of a Llama-family checkpoint whose linear layers are int4 / int8
+// blocks, in one call per engine step (quant/native.py builds it at first use with -march=native, so the
+// #if branches below pick this machine's instructions: AVX-512 VNNI, AVX2, or plain C++).
+//
+// Weights, W[n, k] for output n and input k, in blocks of 32 along k (quant/native.py repacks them):
+//   Q4   W = code·d + m, code in 0..15, (d, m) fp16 per block (llama.cpp's Q4_1; Q4_0 is m = -8·d).
+//   Q8   W = (code - 128)·d, code in 0..255 (llama.cpp's Q8_0 with the sign bit flipped); m = -128·d.
+//   F32  a full-precision matrix (a layer kept out of quantization), run by ATen.
+// Rows are stored in tiles of TILE rows (see tile_dot); K is padded to Kp, a multiple of 64, and N to
+// whole tiles, with code 0 and d = m = 0 (padding adds nothing).
+//
+// Activations are rounded per block of 32 to int8, as llama.cpp's q8_1 does: x ≈ q·dx with
+// dx = max|x| / 127, and sx = dx·Σq. A block's product is then integer:
+//   Σ_k W·x = d·dx·Σ code·q + m·sx        (Q4; Q8 is the same with m = -128·d)
+// which VNNI's vpdpbusd (u8 × s8 -> s32) computes 64 products an instruction.
+//
+// One forward runs T tokens, each on its own KV-cache row at its own position (continuous batching:
+// one request's prefill chunk beside the others' decode tokens). Keys and values are written for all
+// T tokens first; a token at position p then attends to its row's positions ≤ p (and > p - window), so
+// a chunk is causal within itself. Shapes in comments: T tokens, H hidden, D head_dim, NH / KV heads.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;  // weights and activations per block
+
+enum Kind : int64_t { F32 = 0, Q4 = 1, Q8 = 2 };
+
+inline float half(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);  // one instruction; the portable conversion below is ~10
+#else
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+#endif
+}
+
+// e^x over an array, 16 or 8 at a time: 2^n · e^r with n = round(x / ln 2), r = x - n·ln 2 (ln 2 in two
+// parts), e^r by Cephes' expf polynomial (|r| ≤ ln2/2; within 2 ulp of expf). x is clamped to [-87, 88],
+// where e^x is a normal float. Softmax and SiLU take ~100k of these a token on SmolLM2: as std::exp
+// calls they cost more than all the attention arithmetic.
+#if defined(__AVX512F__)
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+#elif defined(__AVX2__)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));  // · 2^n, n in [-126, 127] after the clamp
+}
+#endif
+
+void exp_inplace(float* v, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, exp16(_mm512_loadu_ps(v + i)));
+#elif defined(__AVX2__)
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, exp8(_mm256_loadu_ps(v + i)));
+#endif
+  for (; i < n; ++i) v[i] = std::exp(v[i]);
+}
+
+struct Linear {
+  int64_t kind, N, K, Kp;  // Kp: K padded to 64
+  at::Tensor codes, d, m, w, bias;  // by kind: Q4 codes/d/m, Q8 codes/d, F32 w; bias (N,) fp32 or empty
+};
+
+struct Layer {
+  Linear qkv, o, gate_up, down;   // q|k|v and gate|up fused along N
+  at::Tensor ln1, ln2, qn, kn;    // RMSNorm weights; qn / kn (D,) for Qwen3's per-head norms, else empty
+  int64_t window;                 // sliding window, or 0 for none
+};
+
+struct Model {
+  std::vector<Layer> layers;
+  Linear head;
+  at::Tensor norm, cos, sin;  // final RMSNorm; RoPE tables (positions, D)
+  int64_t H, NH, KV, D, I;
+  double eps;
+};
+
+// ---- activations ----------------------------------------------------------------------------
+
+struct Rows {  // T rows of K activations rounded to int8 blocks
+  std::vector<int8_t> q;     // (T, Kp)
+  std::vector<float> dx, sx;  // (T, Kp/32)
+  int64_t Kp;
+};
+
+Rows quantize(const float* x, int64_t T, int64_t K, int64_t Kp) {
+  Rows r{std::vector<int8_t>(T * Kp, 0), std::vector<float>(T * Kp / QK, 0.f),
+         std::vector<float>(T * Kp / QK, 0.f), Kp};
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t b = 0; b < K / QK; ++b) {
+        const float* xb = x + t * K + b * QK;
+        float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+        for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+        const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int sum = 0;
+        int8_t* q = r.q.data() + t * Kp + b * QK;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < QK; ++i) {
+          const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
+          q[i] = static_cast<int8_t>(v);
+          sum += v;
+        }
+        r.dx[t * Kp / QK + b] = d;
+        r.sx[t * Kp / QK + b] = d * static_cast<float>(sum);
+      }
+    }
+  });
+  return r;
+}
+
+// ---- a tile of R weight rows · one activation row -------------------------------------------------
+//
+// Rows are taken R at a time (R = TILE: 16 int32 lanes with AVX-512, 8 otherwise), lane r holding row r,
+// so a tile's R outputs are finished in registers with no horizontal sum. Within block b of a tile, step
+// j (0..7) covers inputs 4j..4j+3: its operand has row r's 4 codes at bytes 4r..4r+3, against the 4
+// activations q[4j..4j+3] broadcast to every lane. Q4 packs steps 2i (low nibble) and 2i+1 (high) into
+// one 4R-byte vector; Q8 stores each step's 4R bytes as they are. d and m of a block are R fp16 values.
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int64_t TILE = 16;
+#define QT_VNNI 1
+#else
+constexpr int64_t TILE = 8;
+#endif
+
+inline int32_t four(const int8_t* q) {  // 4 activations as one int32 (for broadcasting)
+  int32_t v;
+  std::memcpy(&v, q, 4);
+  return v;
+}
+
+// out[r] = Σ_k W[row r, k]·x[k] for the tile at `codes` (kind Q4 or Q8), x rounded as in `Rows`.
+void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint16_t* m, const int8_t* q,
+              const float* dx, const float* sx, int64_t nb, float* out) {
+  constexpr int64_t R = TILE;
+  const int64_t block_bytes = kind == Q4 ? 16 * R : 32 * R;
+#if defined(QT_VNNI)
+  __m512 acc = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* c = codes + b * block_bytes;
+    const int8_t* qb = q + b * QK;
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    if (kind == Q4) {
+      for (int64_t i = 0; i < 4; ++i) {
+        const __m512i v = _mm512_loadu_si512(c + 64 * i);
+        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v, low), _mm512_set1_epi32(four(qb + 8 * i)));
+        s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
+                                 _mm512_set1_epi32(four(qb + 8 * i + 4)));
+      }
+    } else {  // u8 codes = w + 128; the 128·Σq this adds is taken back through m = -128·d
+      for (int64_t i = 0; i < 8; i += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(c + 64 * i), _mm512_set1_epi32(four(qb + 4 * i)));
+        s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(c + 64 * i + 64), _mm512_set1_epi32(four(qb + 4 * i + 4)));
+      }
+    }
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * R)));
+    const __m512 mv = kind == Q4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + b * R)))
+                                 : _mm512_mul_ps(dv, _mm512_set1_ps(-128.f));  // Q8: m = -128·d, not read
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(dv, _mm512_set1_ps(dx[b])), acc);
+    acc = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[b]), acc);
+  }
+  _mm512_storeu_ps(out, acc);
+#elif defined(__AVX2__)
+  __m256 acc = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* c = codes + b * block_bytes;
+    const int8_t* qb = q + b * QK;
+    __m256i s = _mm256_setzero_si256();
+    if (kind == Q4) {  // codes ≤ 15, |q| ≤ 127: maddubs' pair sums stay far inside int16
+      for (int64_t i = 0; i < 4; ++i) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * i));
+        const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(v, low), _mm256_set1_epi32(four(qb + 8 * i)));
+        const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
+                                                _mm256_set1_epi32(four(qb + 8 * i + 4)));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
+      }
+    } else {  // signed weights (code ^ 0x80): |w| times q with w's sign keeps the pair sums below 2^15
+      const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+      for (int64_t i = 0; i < 8; ++i) {
+        const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * i)), flip);
+        const __m256i x = _mm256_set1_epi32(four(qb + 4 * i));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(
+                                    _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones));
+      }
+    }
+    const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + b * R)));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dv, _mm256_set1_ps(dx[b])), acc);
+    if (kind == Q4) {
+      const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + b * R)));
+      acc = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[b]), acc);
+    }
+  }
+  _mm256_storeu_ps(out, acc);
+#else
+  for (int64_t r = 0; r < R; ++r) {
+    float acc = 0.f;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* c = codes + b * block_bytes;
+      int s = 0;
+      for (int64_t j = 0; j < 8; ++j) {
+        for (int64_t e = 0; e < 4; ++e) {
+          const int w = kind == Q4 ? (c[(j / 2) * 4 * R + 4 * r + e] >> (4 * (j % 2))) & 15
+                                   : c[j * 4 * R + 4 * r + e] - 128;
+          s += w * q[b * QK + 4 * j + e];
+        }
+      }
+      acc += half(d[b * R + r]) * dx[b] * static_cast<float>(s);
+      if (kind == Q4) acc += half(m[b * R + r]) * sx[b];
+    }
+    out[r] = acc;
+  }
+#endif
+}
+
+// ---- y (T, N) = x (T, K) · Wᵀ (+ bias) ----------------------------------------------------------
+
+void linear(const Linear& L, const float* x, int64_t T, float* y) {
+  if (L.kind == F32) {
+    auto xt = at::from_blob(const_cast<float*>(x), {T, L.K});
+    auto yt = at::from_blob(y, {T, L.N});
+    if (L.bias.defined() && L.bias.numel()) {
+      at::addmm_out(yt, L.bias, xt, L.w.t());
+    } else {
+      at::mm_out(yt, xt, L.w.t());
+    }
+    return;
+  }
+  const Rows r = quantize(x, T, L.K, L.Kp);
+  const int64_t nb = L.Kp / QK, N = L.N, tiles = (N + TILE - 1) / TILE;
+  const int64_t tile_bytes = nb * (L.kind == Q4 ? 16 : 32) * TILE;
+  const auto* codes = L.codes.data_ptr<uint8_t>();
+  const auto* d = reinterpret_cast<const uint16_t*>(L.d.data_ptr<at::Half>());
+  const auto* m = reinterpret_cast<const uint16_t*>(L.m.data_ptr<at::Half>());
+  const float* bias = L.bias.defined() && L.bias.numel() ? L.bias.data_ptr<float>() : nullptr;
+  // Threads take ranges of row tiles; a tile (a few KB) is read once and stays in L1 for all T tokens.
+  at::parallel_for(0, tiles, 1, [&](int64_t i0, int64_t i1) {
+    float out[TILE];
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t t = 0; t < T; ++t) {
+        tile_dot(L.kind, codes + i * tile_bytes, d + i * nb * TILE, m + i * nb * TILE, r.q.data() + t * L.Kp,
+                 r.dx.data() + t * nb, r.sx.data() + t * nb, nb, out);
+        for (int64_t k = 0; k < TILE && i * TILE + k < N; ++k) {
+          const int64_t n = i * TILE + k;
+          y[t * N + n] = bias ? out[k] + bias[n] : out[k];
+        }
+      }
+    }
+  });
+}
+
+// ---- the rest of a block ----------------------------------------------------------------------
+
+void rms_norm(const float* x, const float* w, int64_t T, int64_t n, double eps, float* y) {
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = x + t * n;
+    double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float s = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
+    for (int64_t i = 0; i < n; ++i) y[t * n + i] = w[i] * (xr[i] * s);
+  }
+}
+
+// HF's rotate_half layout: pairs (i, i + D/2); cos / sin rows hold each angle twice.
+void rope(float* v, const float* c, const float* s, int64_t D) {
+  const int64_t h = D / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float a = v[i], b = v[i + h];
+    v[i] = a * c[i] - b * s[i];
+    v[i + h] = b * c[i + h] + a * s[i + h];
+  }
+}
+
+struct Step {  // where each token goes
+  const int64_t* rows;
+  const int64_t* pos;
+  int64_t T;
+};
+
+// q|k|v (T, (NH + 2KV)·D) -> attention output (T, NH·D); writes this step's keys and values into the cache.
+void attention(const Model& md, const Layer& L, int64_t layer, float* qkv, const Step& st, at::Tensor& kc,
+               at::Tensor& vc, float* out) {
+  const int64_t D = md.D, NH = md.NH, KV = md.KV, W = (NH + 2 * KV) * D;
+  const int64_t B = kc.size(1), S = kc.size(3);
+  float* K = kc.data_ptr<float>() + layer * B * KV * S * D;
+  float* V = vc.data_ptr<float>() + layer * B * KV * S * D;
+  const float* cs = md.cos.data_ptr<float>();
+  const float* sn = md.sin.data_ptr<float>();
+  const bool qk_norm = L.qn.defined() && L.qn.numel();
+  for (int64_t t = 0; t < st.T; ++t) {
+    float* row = qkv + t * W;
+    const int64_t p = st.pos[t];
+    for (int64_t h = 0; h < NH + KV; ++h) {  // queries, then keys: [norm,] rotate
+      float* v = row + h * D;
+      if (qk_norm) rms_norm(v, (h < NH ? L.qn : L.kn).data_ptr<float>(), 1, D, md.eps, v);
+      rope(v, cs + p * D, sn + p * D, D);
+    }
+    for (int64_t h = 0; h < KV; ++h) {
+      const int64_t off = ((st.rows[t] * KV + h) * S + p) * D;
+      std::copy(row + (NH + h) * D, row + (NH + h + 1) * D, K + off);
+      std::copy(row + (NH + KV + h) * D, row + (NH + KV + h + 1) * D, V + off);
+    }
+  }
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, st.T * NH, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> w;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / NH, h = i % NH, p = st.pos[t], kvh = h / (NH / KV);
+      const int64_t first = L.window > 0 ? std::max<int64_t>(0, p - L.window + 1) : 0;
+      const float* q = qkv + t * W + h * D;
+      const float* k = K + (st.rows[t] * KV + kvh) * S * D;
+      const float* v = V + (st.rows[t] * KV + kvh) * S * D;
+      w.assign(p + 1 - first, 0.f);
+      float top = -INFINITY;
+      for (int64_t j = first; j <= p; ++j) {
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t e = 0; e < D; ++e) s += q[e] * k[j * D + e];
+        w[j - first] = s * scale;
+        top = std::max(top, w[j - first]);
+      }
+      for (float& x : w) x -= top;
+      exp_inplace(w.data(), static_cast<int64_t>(w.size()));
+      float total = 0.f;
+      for (const float x : w) total += x;
+      float* o = out + t * NH * D + h * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t j = first; j <= p; ++j) {
+        const float a = w[j - first] / total;
+        for (int64_t e = 0; e < D; ++e) o[e] += a * v[j * D + e];
+      }
+    }
+  });
+}
+
+// x (T, H) fp32 embeddings -> logits (P, vocab) for the tokens in logit_index.
+at::Tensor forward(const Model& md, at::Tensor x, at::Tensor rows, at::Tensor pos, at::Tensor logit_index,
+                   at::Tensor kc, at::Tensor vc) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == md.H && x.scalar_type() == at::kFloat, "x must be (T, hidden) fp32");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat, "fp32 contiguous cache");
+  x = x.contiguous().clone();
+  rows = rows.to(at::kLong).contiguous();
+  pos = pos.to(at::kLong).contiguous();
+  const int64_t T = x.size(0), H = md.H, D = md.D;
+  const Step st{rows.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), T};
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(st.rows[t] >= 0 && st.rows[t] < kc.size(1), "cache row out of range");
+    TORCH_CHECK(st.pos[t] >= 0 && st.pos[t] < kc.size(3) && st.pos[t] < md.cos.size(0), "position out of range");
+  }
+  std::vector<float> h(T * H), tmp(T * H), qkv(T * (md.NH + 2 * md.KV) * D), att(T * md.NH * D),
+      gu(T * 2 * md.I), act(T * md.I);
+  float* xs = x.data_ptr<float>();
+  for (size_t l = 0; l < md.layers.size(); ++l) {
+    const Layer& L = md.layers[l];
+    rms_norm(xs, L.ln1.data_ptr<float>(), T, H, md.eps, h.data());
+    linear(L.qkv, h.data(), T, qkv.data());
+    attention(md, L, static_cast<int64_t>(l), qkv.data(), st, kc, vc, att.data());
+    linear(L.o, att.data(), T, tmp.data());
+    for (int64_t i = 0; i < T * H; ++i) xs[i] += tmp[i];
+    rms_norm(xs, L.ln2.data_ptr<float>(), T, H, md.eps, h.data());
+    linear(L.gate_up, h.data(), T, gu.data());
+    for (int64_t t = 0; t < T; ++t) {  // SiLU(gate) · up = gate / (1 + e^-gate) · up
+      const float* g = gu.data() + t * 2 * md.I;
+      float* a = act.data() + t * md.I;
+      for (int64_t i = 0; i < md.I; ++i) a[i] = -g[i];
+      exp_inplace(a, md.I);
+      for (int64_t i = 0; i < md.I; ++i) a[i] = g[i] / (1.f + a[i]) * g[md.I + i];
+    }
+    linear(L.down, act.data(), T, tmp.data());
+    for (int64_t i = 0; i < T * H; ++i) xs[i] += tmp[i];
+  }
+  auto picked = x.index_select(0, logit_index.to(at::kLong)).contiguous();  // (P, H)
+  const int64_t P = picked.size(0);
+  std::vector<float> normed(P * H);
+  rms_norm(picked.data_ptr<float>(), md.norm.data_ptr<float>(), P, H, md.eps, normed.data());
+  auto logits = at::empty({P, md.head.N}, x.options());
+  linear(md.head, normed.data(), P, logits.data_ptr<float>());
+  return logits;
+}
+
+// One product on its own (tests compare it with an fp64 reference of the same rounding).
+at::Tensor matmul(const Linear& L, at::Tensor x) {
+  x = x.to(at::kFloat).contiguous();
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == L.K, "x must be (T, K)");
+  auto y = at::empty({x.size(0), L.N}, x.options());
+  linear(L, x.data_ptr<float>(), x.size(0), y.data_ptr<float>());
+  return y;
+}
+
+std::string isa() {
+#if defined(QT_VNNI)
+  return "avx512_vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  namespace py = pybind11;
+  py::class_<Linear>(mod, "Linear")
+      .def(py::init([](int64_t kind, int64_t N, int64_t K, at::Tensor codes, at::Tensor d, at::Tensor m,
+                       at::Tensor w, at::Tensor bias) {
+             const int64_t Kp = (K + 63) / 64 * 64;
+             return Linear{kind, N, K, Kp, codes.contiguous(), d.contiguous(), m.contiguous(), w.contiguous(),
+                           bias.contiguous()};
+           }),
+           py::arg("kind"), py::arg("N"), py::arg("K"), py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("w"),
+           py::arg("bias"));
+  py::class_<Layer>(mod, "Layer")
+      .def(py::init([](Linear qkv, Linear o, Linear gate_up, Linear down, at::Tensor ln1, at::Tensor ln2,
+                       at::Tensor qn, at::Tensor kn, int64_t window) {
+        return Layer{qkv, o, gate_up, down, ln1.contiguous(), ln2.contiguous(), qn.contiguous(), kn.contiguous(),
+                     window};
+      }));
+  py::class_<Model>(mod, "Model")
+      .def(py::init([](std::vector<Layer> layers, Linear head, at::Tensor norm, at::Tensor cos, at::Tensor sin,
+                       int64_t H, int64_t NH, int64_t KV, int64_t D, int64_t I, double eps) {
+        return Model{std::move(layers), head, norm.contiguous(), cos.contiguous(), sin.contiguous(),
+                     H, NH, KV, D, I, eps};
+      }));
+  mod.def("forward", &forward, "the decoder over T tokens on their cache rows; logits at logit_index");
+  mod.def("matmul", &matmul, "one quantized product, y = x · Wᵀ (+ bias)");
+  mod.def("isa", &isa, "the instructions this build's products use");
+  mod.def("tile", [] { return TILE; }, "weight rows per tile in this build's layout");
+}
