@@ -160,6 +160,13 @@ constexpr int64_t TILE = 16;
 constexpr int64_t TILE = 8;
 #endif
 
+#ifndef QT_PREFETCH
+#define QT_PREFETCH 8192
+#endif
+// Bytes ahead of the codes being read that each step asks the cache to fetch: two threads' streams alone
+// keep too few DRAM reads in flight (SmolLM2 int4 decode step 5.4 -> 3.9 ms at 8 KB, LOG.md 2026-12-02).
+constexpr int64_t PREFETCH = QT_PREFETCH;
+
 inline int32_t four(const int8_t* q) {  // 4 activations as one int32 (for broadcasting)
   int32_t v;
   std::memcpy(&v, q, 4);
@@ -180,6 +187,7 @@ void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint1
     __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
     if (kind == Q4) {
       for (int64_t i = 0; i < 4; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + 64 * i + PREFETCH), _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(c + 64 * i);
         s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v, low), _mm512_set1_epi32(four(qb + 8 * i)));
         s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
@@ -187,6 +195,8 @@ void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint1
       }
     } else {  // u8 codes = w + 128; the 128·Σq this adds is taken back through m = -128·d
       for (int64_t i = 0; i < 8; i += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + 64 * i + PREFETCH), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(c + 64 * i + 64 + PREFETCH), _MM_HINT_T0);
         s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(c + 64 * i), _mm512_set1_epi32(four(qb + 4 * i)));
         s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(c + 64 * i + 64), _mm512_set1_epi32(four(qb + 4 * i + 4)));
       }
@@ -207,6 +217,7 @@ void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint1
     __m256i s = _mm256_setzero_si256();
     if (kind == Q4) {  // codes ≤ 15, |q| ≤ 127: maddubs' pair sums stay far inside int16
       for (int64_t i = 0; i < 4; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + 32 * i + PREFETCH), _MM_HINT_T0);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * i));
         const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(v, low), _mm256_set1_epi32(four(qb + 8 * i)));
         const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
@@ -216,6 +227,7 @@ void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint1
     } else {  // signed weights (code ^ 0x80): |w| times q with w's sign keeps the pair sums below 2^15
       const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
       for (int64_t i = 0; i < 8; ++i) {
+        _mm_prefetch(reinterpret_cast<const char*>(c + 32 * i + PREFETCH), _MM_HINT_T0);
         const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * i)), flip);
         const __m256i x = _mm256_set1_epi32(four(qb + 4 * i));
         s = _mm256_add_epi32(s, _mm256_madd_epi16(
@@ -317,11 +329,14 @@ struct Step {  // where each token goes
 };
 
 // q|k|v (T, (NH + 2KV)·D) -> attention output (T, NH·D); writes this step's keys and values into the cache.
+// The cache holds keys transposed, (layers, rows, KV, D, S), and values as (layers, rows, KV, S, D), so
+// both products are runs of axpys over contiguous positions or dims (vectorized, no horizontal sums),
+// and each task takes one KV head with all the query heads that share it (GQA): its keys are read once.
 void attention(const Model& md, const Layer& L, int64_t layer, float* qkv, const Step& st, at::Tensor& kc,
                at::Tensor& vc, float* out) {
-  const int64_t D = md.D, NH = md.NH, KV = md.KV, W = (NH + 2 * KV) * D;
-  const int64_t B = kc.size(1), S = kc.size(3);
-  float* K = kc.data_ptr<float>() + layer * B * KV * S * D;
+  const int64_t D = md.D, NH = md.NH, KV = md.KV, G = NH / KV, W = (NH + 2 * KV) * D;
+  const int64_t B = kc.size(1), S = kc.size(4);
+  float* K = kc.data_ptr<float>() + layer * B * KV * D * S;
   float* V = vc.data_ptr<float>() + layer * B * KV * S * D;
   const float* cs = md.cos.data_ptr<float>();
   const float* sn = md.sin.data_ptr<float>();
@@ -335,38 +350,42 @@ void attention(const Model& md, const Layer& L, int64_t layer, float* qkv, const
       rope(v, cs + p * D, sn + p * D, D);
     }
     for (int64_t h = 0; h < KV; ++h) {
-      const int64_t off = ((st.rows[t] * KV + h) * S + p) * D;
-      std::copy(row + (NH + h) * D, row + (NH + h + 1) * D, K + off);
-      std::copy(row + (NH + KV + h) * D, row + (NH + KV + h + 1) * D, V + off);
+      const int64_t head = st.rows[t] * KV + h;
+      for (int64_t e = 0; e < D; ++e) K[(head * D + e) * S + p] = row[(NH + h) * D + e];
+      std::copy(row + (NH + KV + h) * D, row + (NH + KV + h + 1) * D, V + (head * S + p) * D);
     }
   }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, st.T * NH, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, st.T * KV, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> w;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / NH, h = i % NH, p = st.pos[t], kvh = h / (NH / KV);
-      const int64_t first = L.window > 0 ? std::max<int64_t>(0, p - L.window + 1) : 0;
-      const float* q = qkv + t * W + h * D;
-      const float* k = K + (st.rows[t] * KV + kvh) * S * D;
-      const float* v = V + (st.rows[t] * KV + kvh) * S * D;
-      w.assign(p + 1 - first, 0.f);
-      float top = -INFINITY;
-      for (int64_t j = first; j <= p; ++j) {
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t e = 0; e < D; ++e) s += q[e] * k[j * D + e];
-        w[j - first] = s * scale;
-        top = std::max(top, w[j - first]);
-      }
-      for (float& x : w) x -= top;
-      exp_inplace(w.data(), static_cast<int64_t>(w.size()));
-      float total = 0.f;
-      for (const float x : w) total += x;
-      float* o = out + t * NH * D + h * D;
-      std::fill(o, o + D, 0.f);
-      for (int64_t j = first; j <= p; ++j) {
-        const float a = w[j - first] / total;
-        for (int64_t e = 0; e < D; ++e) o[e] += a * v[j * D + e];
+      const int64_t t = i / KV, h = i % KV, p = st.pos[t], head = st.rows[t] * KV + h;
+      const int64_t first = L.window > 0 ? std::max<int64_t>(0, p - L.window + 1) : 0, n = p + 1 - first;
+      const float* kt = K + head * D * S + first;  // (D, S): kt[e·S + j] is key j's dim e
+      const float* v = V + (head * S + first) * D;
+      w.assign(G * n, 0.f);  // scores of the G query heads, (G, n)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* q = qkv + t * W + (h * G + g) * D;
+        float* s = w.data() + g * n;
+        for (int64_t e = 0; e < D; ++e) {
+          const float qe = q[e] * scale;
+          const float* k = kt + e * S;
+          for (int64_t j = 0; j < n; ++j) s[j] += qe * k[j];
+        }
+        float top = -INFINITY;
+#pragma omp simd reduction(max : top)
+        for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
+        for (int64_t j = 0; j < n; ++j) s[j] -= top;
+        exp_inplace(s, n);
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < n; ++j) total += s[j];
+        float* o = out + t * NH * D + (h * G + g) * D;
+        std::fill(o, o + D, 0.f);
+        for (int64_t j = 0; j < n; ++j) {
+          const float a = s[j] / total;
+          for (int64_t e = 0; e < D; ++e) o[e] += a * v[j * D + e];
+        }
       }
     }
   });
@@ -376,7 +395,9 @@ void attention(const Model& md, const Layer& L, int64_t layer, float* qkv, const
 at::Tensor forward(const Model& md, at::Tensor x, at::Tensor rows, at::Tensor pos, at::Tensor logit_index,
                    at::Tensor kc, at::Tensor vc) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == md.H && x.scalar_type() == at::kFloat, "x must be (T, hidden) fp32");
-  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat, "fp32 contiguous cache");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat && kc.dim() == 5 &&
+                  vc.dim() == 5 && kc.size(4) == vc.size(3),
+              "caches: keys (layers, rows, KV, D, S) and values (layers, rows, KV, S, D), fp32, contiguous");
   x = x.contiguous().clone();
   rows = rows.to(at::kLong).contiguous();
   pos = pos.to(at::kLong).contiguous();
@@ -384,7 +405,7 @@ at::Tensor forward(const Model& md, at::Tensor x, at::Tensor rows, at::Tensor po
   const Step st{rows.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), T};
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK(st.rows[t] >= 0 && st.rows[t] < kc.size(1), "cache row out of range");
-    TORCH_CHECK(st.pos[t] >= 0 && st.pos[t] < kc.size(3) && st.pos[t] < md.cos.size(0), "position out of range");
+    TORCH_CHECK(st.pos[t] >= 0 && st.pos[t] < kc.size(4) && st.pos[t] < md.cos.size(0), "position out of range");
   }
   std::vector<float> h(T * H), tmp(T * H), qkv(T * (md.NH + 2 * md.KV) * D), att(T * md.NH * D),
       gu(T * 2 * md.I), act(T * md.I);

@@ -193,8 +193,8 @@ class NativeRunner:
     def allocate(self, rows: int, length: int) -> None:
         cfg = self.config
         self.k = self.v = None  # free the old cache first
-        shape = (cfg.num_hidden_layers, rows, cfg.num_key_value_heads, min(length, self.max_seq_len), cfg.head_dim)
-        self.k, self.v = torch.zeros(shape), torch.zeros(shape)
+        L, KV, D, S = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, min(length, self.max_seq_len)
+        self.k, self.v = torch.zeros(L, rows, KV, D, S), torch.zeros(L, rows, KV, S, D)  # keys transposed
 
     @torch.inference_mode()
     def forward(self, segments: list[Segment], logits_at: list[int]) -> torch.Tensor:
@@ -205,5 +205,5 @@ class NativeRunner:
         return self.ext.forward(self.native, x, rows, pos, torch.tensor(logits_at), self.k, self.v)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.k[:, dst, ..., :n] = self.k[:, src, ..., :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
