@@ -1,7 +1,7 @@
 """qt's native CPU decoder for int4 / int8 checkpoints (quant/native.cpp) and the runner that serves it.
 
-Why: a decode step of SmolLM2-135M is ~900 small torch ops; in eager mode they cost ~6.5 ms a token on
-two cores before any weight is read (LOG.md 2026-12-02), more than llama.cpp's whole step. native.cpp runs
+Why: a decode step of SmolLM2-135M is ~900 small torch ops; in eager mode they cost ~4.8 ms a token on
+two cores before any weight is read (LOG.md 2026-12-02), two thirds of llama.cpp's whole step. native.cpp runs
 the step as one call: llama.cpp's block formats (Q4_1-style int4, Q8_0-style int8, blocks of 32),
 activations rounded per block of 32 to int8 as llama.cpp's q8_1, and the products on VNNI's vpdpbusd
 (AVX-512) or AVX2's vpmaddubsw, whichever this CPU has.

@@ -288,9 +288,9 @@ def native_runner(model: Transformer, device: torch.device):
     products (AVX2 or AVX-512 VNNI) and runs this model. Else None: torch's kernels (`use_kernel`).
 
     `auto` takes native without timing it against torch's kernels: a decode step in torch eager costs
-    ~6.5 ms of op overhead on SmolLM2 before any weight is read, native.cpp's whole step ~5 ms (LOG.md
-    2026-12-02). Its activations are rounded per block of 32 to int8 (llama.cpp's q8_1), which moved
-    SmolLM2's perplexity by the figure LOG.md gives; QT_QUANT_KERNEL=dequant keeps them fp32."""
+    ~4.8 ms of op overhead on SmolLM2 before any weight is read, native.cpp's whole int4 step ~3.9 ms
+    (LOG.md 2026-12-02). Its activations are rounded per block of 32 to int8 (llama.cpp's q8_1): SmolLM2's
+    perplexity +0.05% (int4) / +0.12% (int8); QT_QUANT_KERNEL=dequant keeps them fp32."""
     from quant import native
 
     kernel = os.environ.get(KERNEL_ENV) or "auto"
