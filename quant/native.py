@@ -75,6 +75,13 @@ def _build(isa: str):
     where.mkdir(parents=True, exist_ok=True)
     # -fopenmp-simd: the `omp simd` loops (reductions) vectorize; no OpenMP runtime (threads are ATen's)
     flags = ["-O3", "-fopenmp-simd", *(["-march=native"] if isa == "native" else ISAS[isa])]
+    try:  # the ninja package's binary, for a venv used without activating it (its bin/ is not on PATH)
+        import ninja
+
+        if ninja.BIN_DIR not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
+    except ImportError:
+        pass
     if not any(where.glob("*.so")):
         print(f"qt: building the native int4/int8 kernels for this CPU ({isa}), once: ~1 minute", file=sys.stderr)
     try:
