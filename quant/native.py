@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qt_serve import fast
+from qt_serve import fast, hub
 from qt_serve.errors import QtError
 from qt_serve.runner import Segment
 
@@ -48,8 +48,7 @@ NEEDS = {"avx512_vnni": ("avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", 
 
 
 def build_dir() -> Path:
-    base = os.environ.get("QT_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qt"
-    return Path(base) / "native"
+    return hub.home() / "native"
 
 
 def extension(isa: str | None = None):
