@@ -127,17 +127,14 @@ def tiled(kind: int, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, R: i
 
 
 def repack(m: nn.Module, R: int):
-    """(kind, codes, d, m, w) of one layer in native.cpp's layout (see its header)."""
-    empty = torch.empty(0)
-    if not hasattr(m, "scheme"):  # a layer kept in full precision
-        return F32, empty, empty, empty, m.weight.detach().float().contiguous()
+    """(kind, codes, d, m) of one quantized layer in native.cpp's layout (see its header)."""
     N, K = m.out_features, m.in_features
     per = (m.group or K) // QK  # a group of G (per row: K) = per blocks of 32 sharing its scale (and min)
     if m.scheme == "int8":  # d in fp16, as the kernel reads it (exact for a GGUF's Q8_0)
         d = m.scales.float().view(N, -1).repeat_interleave(per, 1)
-        return Q8, *tiled(Q8, (m.qweight.to(torch.int16) + 128).to(torch.uint8), d, -128 * d, R), empty
+        return Q8, *tiled(Q8, (m.qweight.to(torch.int16) + 128).to(torch.uint8), d, -128 * d, R)
     d, mins = m.scales.repeat_interleave(per, 1), m.mins.repeat_interleave(per, 1)
-    return Q4, *tiled(Q4, kernels.unpack_int4(m.qweight), d, mins, R), empty
+    return Q4, *tiled(Q4, kernels.unpack_int4(m.qweight), d, mins, R)
 
 
 def linear(ext, modules: list[nn.Module]):
@@ -145,17 +142,18 @@ def linear(ext, modules: list[nn.Module]):
     kinds = {m.scheme if hasattr(m, "scheme") else "fp32" for m in modules}
     if len(kinds) > 1:
         raise QtError(f"native.cpp fuses layers of one format; got {sorted(kinds)}")
-    if "fp32" in kinds:
-        cat = [F32, torch.empty(0), torch.empty(0), torch.empty(0), torch.cat([m.weight.detach().float() for m in modules])]
+    empty = torch.empty(0)
+    if "fp32" in kinds:  # layers kept in full precision
+        kind, codes, d, mins, w = F32, empty, empty, empty, torch.cat([m.weight.detach().float() for m in modules])
     else:  # stacked before tiling, so a tile may hold rows of two layers
-        cat = [*repack(_Stacked(modules), ext.tile())]
+        (kind, codes, d, mins), w = repack(_Stacked(modules), ext.tile()), empty
     biases = [m.bias for m in modules]
     if any(b is not None for b in biases):
         bias = torch.cat([b.detach().float() if b is not None else torch.zeros(m.out_features)
                           for b, m in zip(biases, modules)])
     else:
-        bias = torch.empty(0)
-    return ext.Linear(*cat[:1], sum(m.out_features for m in modules), modules[0].in_features, *cat[1:], bias)
+        bias = empty
+    return ext.Linear(kind, sum(m.out_features for m in modules), modules[0].in_features, codes, d, mins, w, bias)
 
 
 class _Stacked:

@@ -298,11 +298,14 @@ def native_runner(model: Transformer, device: torch.device):
         return None
     why = native.unsupported(model)
     if why is None:
+        named = os.environ.get(native.ISA_ENV)  # a build the user named: its errors are theirs to see
         try:
             isa = native.extension().isa()
-            if kernel == "auto" and isa not in native.SIMD:
+            if kernel == "auto" and isa not in native.SIMD and not named:
                 why = f"native.cpp built here without SIMD products ({isa}); auto leaves it to torch's kernels"
         except QtError as e:
+            if named:
+                raise
             why = str(e)
     if why is not None:
         if kernel == "native":

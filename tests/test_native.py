@@ -260,3 +260,11 @@ def test_a_model_native_cannot_run(tmp_path, tok, monkeypatch):
     monkeypatch.delenv(weights.KERNEL_ENV)
     ck = checkpoint.load(d)  # auto: torch's kernels, no error
     assert ck.runner is None and ck.config.quantization["kernel"] != "native"
+
+
+def test_a_named_build_is_not_silently_dropped(tmp_path, tok, monkeypatch):
+    d = quantized(tmp_path, tok, "llama", "int4")
+    monkeypatch.setenv(native.ISA_ENV, "sse9")  # auto, but a build named by the user: its error surfaces
+    with pytest.raises(QtError, match="QT_NATIVE_ISA='sse9': choose one of native"):
+        checkpoint.load(d)
+
