@@ -3,9 +3,11 @@
 Formats (what a quantized checkpoint stores per linear layer, W of shape (N out, K in)):
 
     int8   q (N, K) int8 in [-127, 127], scales (N,) fp32:          W ≈ q · scale[n]          (symmetric, per row)
-           or scales (N, K/G) fp16:                                  W ≈ q · scale[n, g]       (per group of G along K,
-                                                                  llama.cpp's Q8_0 at G = 32; the default since
-                                                                  2026-12-02: per row cost SmolLM2 +1.4-1.9%)
+           or q in [-128, 127], scales and mins (N, K/G) fp16:       W ≈ (q + 128) · scale[n, g] + min[n, g]
+                                                                  (asymmetric, per group of G along K: the
+                                                                  default; llama.cpp's Q8_0 is min = -128·scale.
+                                                                  Per row cost SmolLM2 +1.4-1.9% perplexity;
+                                                                  files of 2026-12-02 have no mins: symmetric)
     int4   q (N, K/2) uint8, two 4-bit codes per byte (even k in the low nibble), scales and mins (N, K/G) fp16:
                                                                   W ≈ q · scale[n, g] + min[n, g]   (q in 0..15)
            asymmetric in groups of G along K, as llama.cpp's Q4_1 (5 bits per weight at G = 32).
@@ -56,47 +58,53 @@ ROUNDS_ACTIVATIONS = ("fbgemm",)  # not chosen by `auto`: they change the arithm
 # ---- formats ---------------------------------------------------------------------------------
 
 
-def quantize_int8(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K) float -> q (N, K) int8, scales (N,) fp32 per row, or (N, K/G) per group of G along K
-    (llama.cpp's Q8_0 at G = 32); |W - q·scale| ≤ scale/2 per element."""
-    N, K = w.shape
-    g = w.float() if group is None else w.float().view(N, K // group, group)
-    absmax = g.abs().amax(-1)
-    scale = torch.where(absmax > 0, absmax / 127, 1.0)  # an all-zero row or group: any scale, q = 0
-    if group is not None:  # fp16, as Q8_0 and int4 store theirs, rounded up so that |q| ≤ 127 still holds
-        s16 = scale.half()
-        scale = torch.where(s16.float() < scale, torch.nextafter(s16, torch.tensor(torch.inf, dtype=torch.half)), s16)
-        if not torch.isfinite(scale).all():
-            raise ValueError("weights beyond fp16's range (±65504·127) cannot be stored as int8 group scales")
-    q = torch.round(g / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
-    return q.view(N, K), scale
+def quantize_int8(w: torch.Tensor, group: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(N, K) float -> (q (N, K) int8, scales, mins): per row (group None) symmetric, scales (N,) fp32, no
+    mins, |W - q·scale| ≤ scale/2; per group of G along K, 256 levels over each group's [min, max] (see
+    `levels`), |W - Ŵ| ≤ scale/2 with scale = (max - min)/255, never more than a symmetric grid's."""
+    if group is not None:
+        codes, scales, mins = levels(w, group, 255)
+        return (codes.to(torch.int16) - 128).to(torch.int8), scales, mins
+    absmax = w.float().abs().amax(-1)
+    scale = torch.where(absmax > 0, absmax / 127, 1.0)  # an all-zero row: any scale, q = 0
+    return torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8), scale, None
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(..., K) codes, scales (...) per row or (..., K/G) per group -> (..., K) fp32."""
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., K) codes, scales (...) per row or (..., K/G) per group (+ mins) -> (..., K) fp32."""
     if scale.dim() < q.dim():
         return q.float() * scale[..., None]
-    return (q.float().view(*scale.shape, -1) * scale.float()[..., None]).flatten(-2)
+    g = q.float().view(*scale.shape, -1)
+    if mins is not None:
+        return ((g + 128) * scale.float()[..., None] + mins.float()[..., None]).flatten(-2)
+    return (g * scale.float()[..., None]).flatten(-2)
 
 
-def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, K) float -> packed (N, K/2) uint8, scales (N, K/G) fp16, mins (N, K/G) fp16.
+def levels(w: torch.Tensor, group: int, top: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> codes (N, K) uint8 in 0..top, scales and mins (N, K/G) fp16: W ≈ code·scale + min.
 
-    The fp16 min is rounded down and the fp16 scale up, so each group's grid min + (0..15)·scale
+    The fp16 min is rounded down and the fp16 scale up, so each group's grid min + (0..top)·scale
     covers its [min, max]: |W - Ŵ| ≤ scale/2 per element (no clipping)."""
     N, K = w.shape
     g = w.float().view(N, K // group, group)
     lo, hi = g.amin(-1), g.amax(-1)
     lo16 = lo.half()
     lo16 = torch.where(lo16.float() > lo, torch.nextafter(lo16, torch.tensor(-torch.inf, dtype=torch.half)), lo16)
-    s16 = ((hi - lo16.float()) / 15).half()
-    short = s16.float() * 15 + lo16.float() < hi
+    s16 = ((hi - lo16.float()) / top).half()
+    short = s16.float() * top + lo16.float() < hi
     s16 = torch.where(short, torch.nextafter(s16, torch.tensor(torch.inf, dtype=torch.half)), s16)
-    s16 = torch.where(s16 > 0, s16, torch.ones_like(s16))  # a constant group: q = 0 gives its value
+    s16 = torch.where(s16 > 0, s16, torch.ones_like(s16))  # a constant group: code 0 gives its value
     if not (torch.isfinite(s16).all() and torch.isfinite(lo16).all()):
-        raise ValueError("weights beyond fp16's range (±65504) cannot be stored as int4 scales/mins")
-    q = torch.round((g - lo16.float()[..., None]) / s16.float()[..., None]).clamp(0, 15).to(torch.uint8)
-    return pack_int4(q.view(N, K)), s16, lo16
+        raise ValueError("weights beyond fp16's range (±65504) cannot be stored as group scales/mins")
+    q = torch.round((g - lo16.float()[..., None]) / s16.float()[..., None]).clamp(0, top).to(torch.uint8)
+    return q.view(N, K), s16, lo16
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) float -> packed (N, K/2) uint8, scales (N, K/G) fp16, mins (N, K/G) fp16 (`levels` 0..15)."""
+    codes, scales, mins = levels(w, group, 15)
+    return pack_int4(codes), scales, mins
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -288,14 +296,12 @@ def build(kernel: str, scheme: str, tensors: dict[str, torch.Tensor], bias: torc
         kernel = TWINS[kernel]
     if scheme == "int8" and scales.dim() == 2 and kernel in ("int8pack", "fbgemm"):  # per-row products only
         kernel = "dequant"
-    if kernel == "bnb":
-        w = dequantize_int8(q, scales) if scheme == "int8" else dequantize_int4(q, scales, tensors["mins"])
-        return Bnb(w, bias, scheme, device)
-    if kernel == "dequant":
-        return Dequant(dequantize_int8(q, scales) if scheme == "int8" else dequantize_int4(q, scales, tensors["mins"]),
-                       bias)
+    if kernel in ("bnb", "dequant"):
+        w = (dequantize_int8(q, scales, tensors.get("mins")) if scheme == "int8"
+             else dequantize_int4(q, scales, tensors["mins"]))
+        return Bnb(w, bias, scheme, device) if kernel == "bnb" else Dequant(w, bias)
     if scheme == "int8":
         return Fbgemm(q, scales, bias) if kernel == "fbgemm" else Int8Pack(q, scales, bias)
     if kernel == "fbgemm":  # int4 expanded to int8 per output channel (see the module docstring)
-        return Fbgemm(*quantize_int8(dequantize_int4(q, scales, tensors["mins"])), bias)
+        return Fbgemm(*quantize_int8(dequantize_int4(q, scales, tensors["mins"]))[:2], bias)
     return Int4Pack(q, scales, tensors["mins"], bias)

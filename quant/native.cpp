@@ -4,14 +4,18 @@
 //
 // Weights, W[n, k] for output n and input k, in blocks of 32 along k (quant/native.py repacks them):
 //   Q4   W = code·d + m, code in 0..15, (d, m) fp16 per block (llama.cpp's Q4_1; Q4_0 is m = -8·d).
-//   Q8   W = (code - 128)·d, code in 0..255 (llama.cpp's Q8_0 with the sign bit flipped); m = -128·d.
+//   Q8   W = code·d + m, code in 0..255, (d, m) fp16 per block (llama.cpp's Q8_0 is m = -128·d, with
+//        its codes' sign bit flipped).
 //   F32  a full-precision matrix (a layer kept out of quantization), run by ATen.
 // Rows are stored in tiles of TILE rows (see tile_dot); K is padded to Kp, a multiple of 64, and N to
 // whole tiles, with code 0 and d = m = 0 (padding adds nothing).
 //
-// Activations are rounded per block of 32 to int8, as llama.cpp's q8_1 does: x ≈ q·dx with
-// dx = max|x| / 127, and sx = dx·Σq. A block's product is then integer:
-//   Σ_k W·x = d·dx·Σ code·q + m·sx        (Q4; Q8 is the same with m = -128·d)
+// Activations are rounded per block of 32 to int8 twice: x ≈ q·dx + r·dr, with q = round(x / dx) at
+// dx = max|x| / 127 (llama.cpp's q8_1), and r the same rounding of what q leaves, x - q·dx, at its own
+// dr = max|x - q·dx| / 127. So a block keeps ~14 bits (error ≤ max|x| / 32258, not llama.cpp's / 254): on
+// SmolLM2, q alone moved 4-7 of 10 greedy replies off fp32's (near-ties of 0.007-0.28 nats), q + r none
+// (LOG.md 2026-12-03). With sx = q·dx + r·dr summed over the block, a block's product is integer:
+//   Σ_k W·x = d·(dx·Σ code·q + dr·Σ code·r) + m·sx
 // which VNNI's vpdpbusd (u8 × s8 -> s32) computes 64 products an instruction.
 //
 // One forward runs T tokens, each on its own KV-cache row at its own position (continuous batching:
@@ -93,7 +97,7 @@ void exp_inplace(float* v, int64_t n) {
 
 struct Linear {
   int64_t kind, N, K, Kp;  // Kp: K padded to 64
-  at::Tensor codes, d, m, w, bias;  // by kind: Q4 codes/d/m, Q8 codes/d, F32 w; bias (N,) fp32 or empty
+  at::Tensor codes, d, m, w, bias;  // by kind: Q4 / Q8 codes, d, m; F32 w; bias (N,) fp32 or empty
 };
 
 struct Layer {
@@ -112,37 +116,49 @@ struct Model {
 
 // ---- activations ----------------------------------------------------------------------------
 
-struct Rows {  // T rows of K activations rounded to int8 blocks
-  std::vector<int8_t> q;     // (T, Kp)
-  std::vector<float> dx, sx;  // (T, Kp/32)
+struct Rows {  // T rows of K activations, each block rounded to int8 twice (see the header)
+  std::vector<int8_t> q, r;        // (T, Kp)
+  std::vector<float> dx, dr, sx;   // (T, Kp/32)
   int64_t Kp;
 };
 
+// v[0..32) -> round(v / scale) with scale = max|v| / 127 (0 for an all-zero block); returns Σ codes.
+inline int round_block(const float* v, int8_t* codes, float& scale) {
+  float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+  for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(v[i]));
+  scale = amax / 127.f;
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  int sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < QK; ++i) {
+    const int c = static_cast<int>(std::nearbyint(v[i] * inv));
+    codes[i] = static_cast<int8_t>(c);
+    sum += c;
+  }
+  return sum;
+}
+
 Rows quantize(const float* x, int64_t T, int64_t K, int64_t Kp) {
-  Rows r{std::vector<int8_t>(T * Kp, 0), std::vector<float>(T * Kp / QK, 0.f),
-         std::vector<float>(T * Kp / QK, 0.f), Kp};
+  const int64_t nb = Kp / QK;
+  Rows rw{std::vector<int8_t>(T * Kp, 0), std::vector<int8_t>(T * Kp, 0), std::vector<float>(T * nb, 0.f),
+          std::vector<float>(T * nb, 0.f), std::vector<float>(T * nb, 0.f), Kp};
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    float left[QK];
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t b = 0; b < K / QK; ++b) {
         const float* xb = x + t * K + b * QK;
-        float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-        for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(xb[i]));
-        const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-        int sum = 0;
-        int8_t* q = r.q.data() + t * Kp + b * QK;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < QK; ++i) {
-          const int v = static_cast<int>(std::nearbyint(xb[i] * inv));
-          q[i] = static_cast<int8_t>(v);
-          sum += v;
-        }
-        r.dx[t * Kp / QK + b] = d;
-        r.sx[t * Kp / QK + b] = d * static_cast<float>(sum);
+        const int64_t at = t * Kp + b * QK, j = t * nb + b;
+        const int sq = round_block(xb, rw.q.data() + at, rw.dx[j]);
+        // one rounding (fma), so the residual is what q·dx leaves to within half an ulp
+#pragma omp simd
+        for (int64_t i = 0; i < QK; ++i) left[i] = std::fma(-static_cast<float>(rw.q[at + i]), rw.dx[j], xb[i]);
+        const int sr = round_block(left, rw.r.data() + at, rw.dr[j]);
+        rw.sx[j] = rw.dx[j] * static_cast<float>(sq) + rw.dr[j] * static_cast<float>(sr);
       }
     }
   });
-  return r;
+  return rw;
 }
 
 // ---- a tile of R weight rows · one activation row -------------------------------------------------
@@ -173,9 +189,10 @@ inline int32_t four(const int8_t* q) {  // 4 activations as one int32 (for broad
   return v;
 }
 
-// out[r] = Σ_k W[row r, k]·x[k] for the tile at `codes` (kind Q4 or Q8), x rounded as in `Rows`.
+// out[r] = Σ_k W[row r, k]·x[k] for the tile at `codes` (kind Q4 or Q8), x rounded as in `Rows` (q and r
+// rows of int8, dx, dr and sx per block).
 void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint16_t* m, const int8_t* q,
-              const float* dx, const float* sx, int64_t nb, float* out) {
+              const int8_t* r, const float* dx, const float* dr, const float* sx, int64_t nb, float* out) {
   constexpr int64_t R = TILE;
   const int64_t block_bytes = kind == Q4 ? 16 * R : 32 * R;
 #if defined(QT_VNNI)
@@ -183,29 +200,31 @@ void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint1
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* c = codes + b * block_bytes;
-    const int8_t* qb = q + b * QK;
-    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    const int8_t *qb = q + b * QK, *rb = r + b * QK;
+    __m512i sq = _mm512_setzero_si512(), sr = _mm512_setzero_si512();  // Σ code·q, Σ code·r per row
+    // one step: 4 codes of each row against 4 inputs (at offset j of the block) of q and of r
+    const auto step = [&](__m512i w, int64_t j) {
+      sq = _mm512_dpbusd_epi32(sq, w, _mm512_set1_epi32(four(qb + j)));
+      sr = _mm512_dpbusd_epi32(sr, w, _mm512_set1_epi32(four(rb + j)));
+    };
     if (kind == Q4) {
       for (int64_t i = 0; i < 4; ++i) {
         _mm_prefetch(reinterpret_cast<const char*>(c + 64 * i + PREFETCH), _MM_HINT_T0);
         const __m512i v = _mm512_loadu_si512(c + 64 * i);
-        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(v, low), _mm512_set1_epi32(four(qb + 8 * i)));
-        s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(v, 4), low),
-                                 _mm512_set1_epi32(four(qb + 8 * i + 4)));
+        step(_mm512_and_si512(v, low), 8 * i);
+        step(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), 8 * i + 4);
       }
-    } else {  // u8 codes = w + 128; the 128·Σq this adds is taken back through m = -128·d
-      for (int64_t i = 0; i < 8; i += 2) {
+    } else {
+      for (int64_t i = 0; i < 8; ++i) {
         _mm_prefetch(reinterpret_cast<const char*>(c + 64 * i + PREFETCH), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(c + 64 * i + 64 + PREFETCH), _MM_HINT_T0);
-        s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(c + 64 * i), _mm512_set1_epi32(four(qb + 4 * i)));
-        s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(c + 64 * i + 64), _mm512_set1_epi32(four(qb + 4 * i + 4)));
+        step(_mm512_loadu_si512(c + 64 * i), 4 * i);
       }
     }
     const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * R)));
-    const __m512 mv = kind == Q4 ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + b * R)))
-                                 : _mm512_mul_ps(dv, _mm512_set1_ps(-128.f));  // Q8: m = -128·d, not read
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_mul_ps(dv, _mm512_set1_ps(dx[b])), acc);
-    acc = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[b]), acc);
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + b * R)));
+    const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr), _mm512_set1_ps(dr[b]),
+                                       _mm512_mul_ps(_mm512_cvtepi32_ps(sq), _mm512_set1_ps(dx[b])));
+    acc = _mm512_fmadd_ps(dot, dv, _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[b]), acc));
   }
   _mm512_storeu_ps(out, acc);
 #elif defined(__AVX2__)
@@ -213,52 +232,61 @@ void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint1
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* c = codes + b * block_bytes;
-    const int8_t* qb = q + b * QK;
-    __m256i s = _mm256_setzero_si256();
+    const int8_t *qb = q + b * QK, *rb = r + b * QK;
+    __m256i sq = _mm256_setzero_si256(), sr = _mm256_setzero_si256();
     if (kind == Q4) {  // codes ≤ 15, |q| ≤ 127: maddubs' pair sums stay far inside int16
       for (int64_t i = 0; i < 4; ++i) {
         _mm_prefetch(reinterpret_cast<const char*>(c + 32 * i + PREFETCH), _MM_HINT_T0);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * i));
-        const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(v, low), _mm256_set1_epi32(four(qb + 8 * i)));
-        const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low),
-                                                _mm256_set1_epi32(four(qb + 8 * i + 4)));
-        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_add_epi16(lo, hi), ones));
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        const auto dot = [&](const int8_t* a) {  // Σ over this step's 8 inputs of a
+          return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(a + 8 * i))),
+                                                    _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(a + 8 * i + 4)))),
+                                   ones);
+        };
+        sq = _mm256_add_epi32(sq, dot(qb));
+        sr = _mm256_add_epi32(sr, dot(rb));
       }
-    } else {  // signed weights (code ^ 0x80): |w| times q with w's sign keeps the pair sums below 2^15
+    } else {  // code - 128 (code ^ 0x80): |w| times q with w's sign keeps the pair sums below 2^15
       const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
       for (int64_t i = 0; i < 8; ++i) {
         _mm_prefetch(reinterpret_cast<const char*>(c + 32 * i + PREFETCH), _MM_HINT_T0);
         const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * i)), flip);
-        const __m256i x = _mm256_set1_epi32(four(qb + 4 * i));
-        s = _mm256_add_epi32(s, _mm256_madd_epi16(
-                                    _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones));
+        const __m256i aw = _mm256_sign_epi8(w, w);
+        const auto dot = [&](const int8_t* a) {
+          return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(four(a + 4 * i)), w)),
+                                   ones);
+        };
+        sq = _mm256_add_epi32(sq, dot(qb));
+        sr = _mm256_add_epi32(sr, dot(rb));
       }
     }
     const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + b * R)));
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dv, _mm256_set1_ps(dx[b])), acc);
-    if (kind == Q4) {
-      const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + b * R)));
-      acc = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[b]), acc);
-    }
+    const __m256 dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sr), _mm256_set1_ps(dr[b]),
+                                       _mm256_mul_ps(_mm256_cvtepi32_ps(sq), _mm256_set1_ps(dx[b])));
+    __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + b * R)));
+    if (kind == Q8) mv = _mm256_fmadd_ps(dv, _mm256_set1_ps(128.f), mv);  // for Σ (code - 128)·x above
+    acc = _mm256_fmadd_ps(dot, dv, _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[b]), acc));
   }
   _mm256_storeu_ps(out, acc);
 #else
-  for (int64_t r = 0; r < R; ++r) {
+  for (int64_t row = 0; row < R; ++row) {
     float acc = 0.f;
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* c = codes + b * block_bytes;
-      int s = 0;
+      int sq = 0, sr = 0;
       for (int64_t j = 0; j < 8; ++j) {
         for (int64_t e = 0; e < 4; ++e) {
-          const int w = kind == Q4 ? (c[(j / 2) * 4 * R + 4 * r + e] >> (4 * (j % 2))) & 15
-                                   : c[j * 4 * R + 4 * r + e] - 128;
-          s += w * q[b * QK + 4 * j + e];
+          const int w = kind == Q4 ? (c[(j / 2) * 4 * R + 4 * row + e] >> (4 * (j % 2))) & 15
+                                   : c[j * 4 * R + 4 * row + e];
+          sq += w * q[b * QK + 4 * j + e];
+          sr += w * r[b * QK + 4 * j + e];
         }
       }
-      acc += half(d[b * R + r]) * dx[b] * static_cast<float>(s);
-      if (kind == Q4) acc += half(m[b * R + r]) * sx[b];
+      acc += half(d[b * R + row]) * (dx[b] * static_cast<float>(sq) + dr[b] * static_cast<float>(sr)) +
+             half(m[b * R + row]) * sx[b];
     }
-    out[r] = acc;
+    out[row] = acc;
   }
 #endif
 }
@@ -289,7 +317,7 @@ void linear(const Linear& L, const float* x, int64_t T, float* y) {
     for (int64_t i = i0; i < i1; ++i) {
       for (int64_t t = 0; t < T; ++t) {
         tile_dot(L.kind, codes + i * tile_bytes, d + i * nb * TILE, m + i * nb * TILE, r.q.data() + t * L.Kp,
-                 r.dx.data() + t * nb, r.sx.data() + t * nb, nb, out);
+                 r.r.data() + t * L.Kp, r.dx.data() + t * nb, r.dr.data() + t * nb, r.sx.data() + t * nb, nb, out);
         for (int64_t k = 0; k < TILE && i * TILE + k < N; ++k) {
           const int64_t n = i * TILE + k;
           y[t * N + n] = bias ? out[k] + bias[n] : out[k];

@@ -130,11 +130,11 @@ def repack(m: nn.Module, R: int):
     """(kind, codes, d, m) of one quantized layer in native.cpp's layout (see its header)."""
     N, K = m.out_features, m.in_features
     per = (m.group or K) // QK  # a group of G (per row: K) = per blocks of 32 sharing its scale (and min)
-    if m.scheme == "int8":  # d in fp16, as the kernel reads it (exact for a GGUF's Q8_0)
-        d = m.scales.float().view(N, -1).repeat_interleave(per, 1)
-        return Q8, *tiled(Q8, (m.qweight.to(torch.int16) + 128).to(torch.uint8), d, -128 * d, R)
-    d, mins = m.scales.repeat_interleave(per, 1), m.mins.repeat_interleave(per, 1)
-    return Q4, *tiled(Q4, kernels.unpack_int4(m.qweight), d, mins, R)
+    d = m.scales.float().view(N, -1).repeat_interleave(per, 1)  # in fp16, as the kernel reads it
+    if m.scheme == "int8":  # codes q + 128; per row (no mins, scales fp32) symmetric: m = -128·d
+        mins = -128 * d if m.mins is None else m.mins.repeat_interleave(per, 1)
+        return Q8, *tiled(Q8, (m.qweight.to(torch.int16) + 128).to(torch.uint8), d, mins, R)
+    return Q4, *tiled(Q4, kernels.unpack_int4(m.qweight), d, m.mins.repeat_interleave(per, 1), R)
 
 
 def linear(ext, modules: list[nn.Module]):
@@ -162,7 +162,7 @@ class _Stacked:
     def __init__(self, modules):
         first = modules[0]
         self.scheme, self.group, self.in_features = first.scheme, first.group, first.in_features
-        self.out_features = sum(m.out_features for m in modules)
+        self.out_features, self.mins = sum(m.out_features for m in modules), None
         for name in first.tensors():
             setattr(self, name, torch.cat([getattr(m, name) for m in modules]))
 

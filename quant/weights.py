@@ -4,7 +4,7 @@
         {"scheme", "group_size", "kept": [weights left in full precision], "embedding": how it is stored}
     load(out, cfg)  ->  (Transformer with QuantLinear / QuantEmbedding modules, None)   [qt_serve.formats]
 
-Every nn.Linear weight `X.weight` (N, K) becomes `X.qweight`, `X.scales` (+ `X.mins` for int4) in the
+Every nn.Linear weight `X.weight` (N, K) becomes `X.qweight`, `X.scales` (+ `X.mins` in groups) in the
 formats of quant/kernels.py; norms and biases stay as they were. The LM head is quantized too: on
 SmolLM2-135M it is 49152 × 576, a fifth of the weights, streamed for every generated token. A tied
 embedding STAYS tied to it: its rows are looked up in the LM head's quantized matrix and dequantized
@@ -47,14 +47,23 @@ SCHEMES = ("int8", "int4")
 DEFAULT_GROUP = 32
 QK = 32  # llama.cpp's block: a GGUF's int4 blocks are kept as they are at this group size
 KERNEL_ENV = "QT_QUANT_KERNEL"
-# What the tensors of one layer look like in each scheme: name -> (shape from (N, K, G), dtype).
+# What the tensors of one layer look like in each scheme: name -> (shape from (N, K, G), dtype); int8 per
+# row (G None) has no mins.
 LAYOUT = {
     "int8": {"qweight": (lambda n, k, g: (n, k), torch.int8),
-             "scales": (lambda n, k, g: (n,) if g is None else (n, k // g), torch.float32)},  # grouped: fp16
+             "scales": (lambda n, k, g: (n,) if g is None else (n, k // g), torch.float32),  # grouped: fp16
+             "mins": (lambda n, k, g: None if g is None else (n, k // g), torch.float16)},
     "int4": {"qweight": (lambda n, k, g: (n, k // 2), torch.uint8),
              "scales": (lambda n, k, g: (n, k // g), torch.float16),
              "mins": (lambda n, k, g: (n, k // g), torch.float16)},
 }
+
+
+def register(module: nn.Module, scheme: str, n: int, k: int, group: int | None) -> None:
+    """Empty buffers for an (n, k) layer's tensors in `scheme` at `group` (None for one it has not)."""
+    for name, (shape, dtype) in LAYOUT[scheme].items():
+        size = shape(n, k, group)
+        module.register_buffer(name, None if size is None else torch.empty(size, dtype=dtype))
 
 
 class QuantLinear(nn.Module):
@@ -63,13 +72,12 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: str, group: int | None):
         super().__init__()
         self.in_features, self.out_features, self.scheme, self.group = in_features, out_features, scheme, group
-        for name, (shape, dtype) in LAYOUT[scheme].items():
-            self.register_buffer(name, torch.empty(shape(out_features, in_features, group), dtype=dtype))
+        register(self, scheme, out_features, in_features, group)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.kernel, self.impl = None, None  # set by use_kernel after the tensors are loaded
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in LAYOUT[self.scheme]}
+        return {name: getattr(self, name) for name in LAYOUT[self.scheme] if getattr(self, name) is not None}
 
     def use_kernel(self, kernel: str, impl=None) -> None:
         self.kernel = kernel
@@ -93,8 +101,7 @@ class QuantEmbedding(nn.Module):
     def __init__(self, num: int, dim: int, scheme: str, group: int | None, dtype: torch.dtype):
         super().__init__()
         self.scheme, self.dtype = scheme, dtype
-        for name, (shape, dt) in LAYOUT[scheme].items():
-            self.register_buffer(name, torch.empty(shape(num, dim, group), dtype=dt))
+        register(self, scheme, num, dim, group)
 
     def tie(self, head: QuantLinear) -> None:
         """Look rows up in the LM head's matrix (a tied embedding: the same tensors, stored once)."""
@@ -102,11 +109,9 @@ class QuantEmbedding(nn.Module):
             setattr(self, name, t)
 
     def forward(self, idx):
-        if self.scheme == "int8":
-            rows = kernels.dequantize_int8(F.embedding(idx, self.qweight), self.scales[idx])
-        else:
-            rows = kernels.dequantize_int4(F.embedding(idx, self.qweight), self.scales[idx], self.mins[idx])
-        return rows.to(self.dtype)
+        dequantize = kernels.dequantize_int8 if self.scheme == "int8" else kernels.dequantize_int4
+        mins = None if self.mins is None else self.mins[idx]  # int8 per row: none
+        return dequantize(F.embedding(idx, self.qweight), self.scales[idx], mins).to(self.dtype)
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -130,13 +135,10 @@ def plan(model: Transformer, scheme: str, group: int | None) -> tuple[list[str],
 
 def quantize_tensors(w: torch.Tensor, scheme: str, group: int | None, name: str) -> dict[str, torch.Tensor]:
     try:
-        if scheme == "int8":
-            q, scales = kernels.quantize_int8(w, group)
-            return {f"{name}.qweight": q, f"{name}.scales": scales}
-        q, scales, mins = kernels.quantize_int4(w, group)
+        q, scales, mins = (kernels.quantize_int8 if scheme == "int8" else kernels.quantize_int4)(w, group)
     except ValueError as e:
         raise QtError(f"{name}: {e}") from None
-    return {f"{name}.qweight": q, f"{name}.scales": scales, f"{name}.mins": mins}
+    return {f"{name}.qweight": q, f"{name}.scales": scales, **({f"{name}.mins": mins} if mins is not None else {})}
 
 
 def write(ckpt: Checkpoint, scheme: str, out: Path, group_size: int | None = None, gguf: Path | None = None) -> Path:
@@ -192,7 +194,7 @@ def write(ckpt: Checkpoint, scheme: str, out: Path, group_size: int | None = Non
 def stored_blocks(gguf: Path, cfg: ModelConfig) -> dict[str, dict]:
     """{module name: {"scheme", "tensors"}} for every layer a llama.cpp file stores in blocks of 32, in this
     module's formats at group 32 and exactly: Q4_1 (W = q·d + m) and Q4_0 (W = (q - 8)·d, so m = -8·d) as
-    int4, Q8_0 (W = q·d) as int8; d and m are fp16 in the file, so nothing is rounded."""
+    int4, Q8_0 (W = q·d, so m = -128·d) as int8; d and m are fp16 in the file, so nothing is rounded."""
     from quant.onnx import gguf_blocks
 
     out = {}
@@ -200,7 +202,8 @@ def stored_blocks(gguf: Path, cfg: ModelConfig) -> dict[str, dict]:
         d = torch.from_numpy(b.d)
         if b.bits == 8:  # Blocks keep Q8_0's codes as q + 128
             q = (torch.from_numpy(b.q).to(torch.int16) - 128).to(torch.int8)
-            out[name] = {"scheme": "int8", "tensors": {f"{name}.qweight": q, f"{name}.scales": d.half()}}
+            out[name] = {"scheme": "int8", "tensors": {f"{name}.qweight": q, f"{name}.scales": d.half(),
+                                                       f"{name}.mins": -128 * d.half()}}
             continue
         m = torch.from_numpy(b.m).half() if b.m is not None else -8 * d.half()
         out[name] = {"scheme": "int4", "tensors": {f"{name}.qweight": kernels.pack_int4(torch.from_numpy(b.q)),
@@ -261,6 +264,10 @@ def load(directory: Path, cfg: ModelConfig, dtype: torch.dtype | None = None, de
     for k in tied_names + (["lm_head.weight"] if cfg.tie_word_embeddings and not tied_quant else []):
         expected.pop(k, None)
     tensors = read_tensors(directory)
+    for k in expected:  # int8 in groups written on 2026-12-02 is symmetric, without mins: m = -128·d
+        layer = k.removesuffix(".mins")
+        if k != layer and k not in tensors and tensors.get(f"{layer}.qweight", torch.empty(0)).dtype == torch.int8:
+            tensors[k] = -128 * tensors[f"{layer}.scales"].half()
     check_tensors(expected, tensors, str(directory))
     model.load_state_dict(tensors, strict=False, assign=True)
     if tied_quant:

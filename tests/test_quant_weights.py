@@ -24,9 +24,10 @@ from quant.cli import main as quant_main
 from conftest import tiny_model
 
 CPU_PATHS = [(s, k) for s in ("int8", "int4") for k in kernels.CPU_KERNELS[s]]
-# Checkpoints as written: int8 in groups of 32 (dequant; the per-row products cannot run it), and
-# "int8-row", the one-scale-per-row int8 qt wrote before 2026-12-02, which every int8 kernel runs.
-CKPT_PATHS = [("int8", "dequant"), *[("int8-row", k) for k in kernels.CPU_KERNELS["int8"]],
+# Checkpoints as written: int8 in groups of 32 (dequant; the per-row products cannot run it); "int8-row",
+# the one-scale-per-row int8 qt wrote before 2026-12-02, which every int8 kernel runs; "int8-sym", the
+# symmetric groups (no mins) of 2026-12-02.
+CKPT_PATHS = [("int8", "dequant"), ("int8-sym", "dequant"), *[("int8-row", k) for k in kernels.CPU_KERNELS["int8"]],
               *[("int4", k) for k in kernels.CPU_KERNELS["int4"]]]
 # fbgemm also rounds each call's input to 8 bits (per tensor): about 1% of the output's scale here.
 PRODUCT_TOL = {"fbgemm": 0.03, "int8pack": 1e-5, "int4pack": 1e-5, "dequant": 1e-5}
@@ -53,32 +54,42 @@ def test_int8_round_trip_is_within_half_a_step_per_row():
     torch.manual_seed(0)
     w = torch.randn(96, 80) * torch.logspace(-3, 1, 96)[:, None]  # rows of very different scales
     w[5] = 0  # an all-zero row
-    q, scale = kernels.quantize_int8(w)
-    assert q.dtype == torch.int8 and scale.shape == (96,) and int(q.abs().max()) <= 127
+    q, scale, mins = kernels.quantize_int8(w)
+    assert mins is None and q.dtype == torch.int8 and scale.shape == (96,) and int(q.abs().max()) <= 127
     step = w.abs().amax(1) / 127  # the definition, not the code's scale
     err = (kernels.dequantize_int8(q, scale) - w).abs()
     assert (err <= step[:, None] / 2 * (1 + 1e-5) + 1e-12).all()
     assert err[5].max() == 0
 
 
+@pytest.mark.parametrize("scheme,top", [("int4", 15), ("int8", 255)])
 @pytest.mark.parametrize("group", [32, 16, 64])
-def test_int4_round_trip_is_within_half_a_step_per_group(group):
+def test_group_round_trip_is_within_half_a_step(scheme, top, group):
     torch.manual_seed(1)
     N, K = 48, 128
     w = torch.randn(N, K) * 0.05 + torch.linspace(-1, 1, N)[:, None]  # groups off-centre: the min matters
     w[3, :group] = 0.25  # a constant group
-    packed, scales, mins = kernels.quantize_int4(w, group)
-    assert packed.shape == (N, K // 2) and packed.dtype == torch.uint8
-    assert scales.shape == mins.shape == (N, K // group) and scales.dtype == torch.float16
+    if scheme == "int4":
+        packed, scales, mins = kernels.quantize_int4(w, group)
+        assert packed.shape == (N, K // 2) and packed.dtype == torch.uint8
+        got = kernels.dequantize_int4(packed, scales, mins)
+        codes = kernels.unpack_int4(packed)
+        assert codes.max() <= 15 and torch.equal(kernels.pack_int4(codes), packed)
+    else:
+        q, scales, mins = kernels.quantize_int8(w, group)
+        assert q.shape == (N, K) and q.dtype == torch.int8
+        got = kernels.dequantize_int8(q, scales, mins)
+    assert scales.shape == mins.shape == (N, K // group) and scales.dtype == mins.dtype == torch.float16
     g = w.view(N, K // group, group)
     rng = g.amax(-1) - g.amin(-1)
-    # fp16 storage widens the step by at most a couple of fp16 ulps of (range/15) and of min
-    step = rng / 15 * (1 + 2 ** -9) + g.abs().amax(-1) * 2 ** -10 / 15
-    err = (kernels.dequantize_int4(packed, scales, mins) - w).view(N, K // group, group).abs()
+    # fp16 storage widens the step by at most a couple of fp16 ulps of (range/top) and of min
+    step = rng / top * (1 + 2 ** -9) + g.abs().amax(-1) * 2 ** -10 / top
+    err = (got - w).view(N, K // group, group).abs()
     assert (err <= step[..., None] / 2 + 1e-6).all()
     assert (err <= scales.float()[..., None] / 2 * (1 + 1e-5) + 1e-7).all()  # and against its own scale
-    codes = kernels.unpack_int4(packed)
-    assert codes.max() <= 15 and torch.equal(kernels.pack_int4(codes), packed)
+    if scheme == "int8":  # asymmetric: on groups far off centre (rows 0-11, W ≈ -1 ± 0.15), well below a
+        # symmetric grid's max|W|/254
+        assert (err[:12].amax(-1) <= g[:12].abs().amax(-1) / 254 * 0.6).all()
 
 
 def test_int4_nibble_order():
@@ -97,7 +108,7 @@ def test_every_cpu_kernel_matches_fp32_linear(scheme, kernel, rows):
     N, K = 80, 192
     w, b, x = torch.randn(N, K) * 0.1, torch.randn(N), torch.randn(rows, K)
     if scheme == "int8":
-        q, scales = kernels.quantize_int8(w)
+        q, scales, _ = kernels.quantize_int8(w)
         stored = {"qweight": q, "scales": scales}
     else:
         q, scales, mins = kernels.quantize_int4(w, 32)
@@ -150,28 +161,41 @@ def dequantized_twin(model: torch.nn.Module, scheme: str, group: int | None) -> 
                 done.add(id(w))
                 if group is not None and w.shape[1] % group:
                     continue
-                if scheme == "int8" or w is twin.lm_head.weight:
+                if scheme == "int8-sym":
+                    w.copy_(kernels.dequantize_int8(*symmetric_groups(w, group)))
+                elif scheme.startswith("int8") or w is twin.lm_head.weight:
                     w.copy_(kernels.dequantize_int8(*kernels.quantize_int8(w, group)))
                 else:
                     w.copy_(kernels.dequantize_int4(*kernels.quantize_int4(w, group)))
     return twin
 
 
+def symmetric_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 as qt wrote it on 2026-12-02: q = round(W / s), s = fp16(max|W| / 127) per group (no mins)."""
+    g = w.float().view(w.shape[0], -1, group)
+    s = (g.abs().amax(-1) / 127).half()
+    return torch.round(g / s.float()[..., None]).clamp(-128, 127).to(torch.int8).view(w.shape), s
+
+
 def write(src, tokenizer, scheme: str, out, group=None, gen=None):
-    """weights.write; "int8-row": an int8 checkpoint as qt wrote them before groups, one scale per row."""
+    """weights.write; "int8-row" and "int8-sym": int8 checkpoints as qt wrote them before groups (one scale
+    per row) and on 2026-12-02 (symmetric groups of 32, no mins)."""
     ck = checkpoint.Checkpoint(src, tokenizer, gen or {}, "mem")
-    if scheme != "int8-row":
+    if scheme not in ("int8-row", "int8-sym"):
         return weights.write(ck, scheme, out, group)
     out = weights.write(ck, "int8", out, group)
     tensors, sd = load_file(str(out / "model.safetensors")), src.state_dict()
     for name in [n for n in tensors if n.endswith(".qweight")]:
         module = name.removesuffix(".qweight")
-        q, s = kernels.quantize_int8(sd[f"{module}.weight"])
+        w = sd[f"{module}.weight"]
+        q, s = symmetric_groups(w, 32) if scheme == "int8-sym" else kernels.quantize_int8(w)[:2]
         tensors[name], tensors[f"{module}.scales"] = q, s
+        del tensors[f"{module}.mins"]
     save_file(tensors, str(out / "model.safetensors"))
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["qt"]["quantization"].update(group_size=None)
-    (out / "config.json").write_text(json.dumps(cfg))
+    if scheme == "int8-row":
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["qt"]["quantization"].update(group_size=None)
+        (out / "config.json").write_text(json.dumps(cfg))
     return out
 
 
@@ -197,7 +221,7 @@ def test_quantized_checkpoint_round_trip(scheme, kernel, tmp_path, tokenizer, mo
     assert not any(n.endswith(".weight") and "norm" not in n for n in names)
 
     ids = torch.randint(0, tokenizer.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    twin = dequantized_twin(src, scheme[:4], q["group_size"])
+    twin = dequantized_twin(src, scheme, q["group_size"])
     with torch.no_grad():
         got, ref, full = ck.model(ids), twin(ids), src(ids)
     tol = PRODUCT_TOL[kernel] * 2 + (0.02 if kernel == "fbgemm" and scheme == "int4" else 0)
