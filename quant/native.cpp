@@ -7,8 +7,8 @@
 //   Q8   W = code·d + m, code in 0..255, (d, m) fp16 per block (llama.cpp's Q8_0 is m = -128·d, with
 //        its codes' sign bit flipped).
 //   F32  a full-precision matrix (a layer kept out of quantization), run by ATen.
-// Rows are stored in tiles of TILE rows (see tile_dot); K is padded to Kp, a multiple of 64, and N to
-// whole tiles, with code 0 and d = m = 0 (padding adds nothing).
+// Rows are stored in tiles of LANES rows (see tile_dot); K is padded to Kp, a multiple of 64, and N to a
+// multiple of 32, with code 0 and d = m = 0 (padding adds nothing).
 //
 // Activations are rounded per block of 32 to int8 twice: x ≈ q·dx + r·dr, with q = round(x / dx) at
 // dx = max|x| / 127 (llama.cpp's q8_1), and r the same rounding of what q leaves, x - q·dx, at its own
@@ -122,8 +122,21 @@ struct Rows {  // T rows of K activations, each block rounded to int8 twice (see
   int64_t Kp;
 };
 
-// v[0..32) -> round(v / scale) with scale = max|v| / 127 (0 for an all-zero block); returns Σ codes.
-inline int round_block(const float* v, int8_t* codes, float& scale) {
+// v[0..32) -> codes round(v / scale), scale = max|v| / 127 (0 for an all-zero block), and what they leave,
+// v - code·scale, in one rounding (fma); returns Σ codes. Rounding is to nearest even in both branches.
+inline int round_block(const float* v, int8_t* codes, float& scale, float* left) {
+#if defined(__AVX512F__)
+  const __m512 v0 = _mm512_loadu_ps(v), v1 = _mm512_loadu_ps(v + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  scale = amax / 127.f;
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f), sc = _mm512_set1_ps(scale);
+  const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(c0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16), _mm512_cvtepi32_epi8(c1));
+  _mm512_storeu_ps(left, _mm512_fnmadd_ps(_mm512_cvtepi32_ps(c0), sc, v0));
+  _mm512_storeu_ps(left + 16, _mm512_fnmadd_ps(_mm512_cvtepi32_ps(c1), sc, v1));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+#else
   float amax = 0.f;
 #pragma omp simd reduction(max : amax)
   for (int64_t i = 0; i < QK; ++i) amax = std::max(amax, std::fabs(v[i]));
@@ -132,11 +145,13 @@ inline int round_block(const float* v, int8_t* codes, float& scale) {
   int sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < QK; ++i) {
-    const int c = static_cast<int>(std::nearbyint(v[i] * inv));
+    const float c = std::nearbyint(v[i] * inv);
     codes[i] = static_cast<int8_t>(c);
-    sum += c;
+    left[i] = std::fma(-c, scale, v[i]);
+    sum += static_cast<int>(c);
   }
   return sum;
+#endif
 }
 
 Rows quantize(const float* x, int64_t T, int64_t K, int64_t Kp) {
@@ -144,16 +159,12 @@ Rows quantize(const float* x, int64_t T, int64_t K, int64_t Kp) {
   Rows rw{std::vector<int8_t>(T * Kp, 0), std::vector<int8_t>(T * Kp, 0), std::vector<float>(T * nb, 0.f),
           std::vector<float>(T * nb, 0.f), std::vector<float>(T * nb, 0.f), Kp};
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-    float left[QK];
+    float left[QK], unused[QK];
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t b = 0; b < K / QK; ++b) {
-        const float* xb = x + t * K + b * QK;
         const int64_t at = t * Kp + b * QK, j = t * nb + b;
-        const int sq = round_block(xb, rw.q.data() + at, rw.dx[j]);
-        // one rounding (fma), so the residual is what q·dx leaves to within half an ulp
-#pragma omp simd
-        for (int64_t i = 0; i < QK; ++i) left[i] = std::fma(-static_cast<float>(rw.q[at + i]), rw.dx[j], xb[i]);
-        const int sr = round_block(left, rw.r.data() + at, rw.dr[j]);
+        const int sq = round_block(x + t * K + b * QK, rw.q.data() + at, rw.dx[j], left);
+        const int sr = round_block(left, rw.r.data() + at, rw.dr[j], unused);
         rw.sx[j] = rw.dx[j] * static_cast<float>(sq) + rw.dr[j] * static_cast<float>(sr);
       }
     }
@@ -161,26 +172,29 @@ Rows quantize(const float* x, int64_t T, int64_t K, int64_t Kp) {
   return rw;
 }
 
-// ---- a tile of R weight rows · one activation row -------------------------------------------------
+// ---- tiles of weight rows · a few activation rows -------------------------------------------------
 //
-// Rows are taken R at a time (R = TILE: 16 int32 lanes with AVX-512, 8 otherwise), lane r holding row r,
+// Rows are taken R at a time (R = LANES: 16 int32 lanes with AVX-512, 8 otherwise), lane r holding row r,
 // so a tile's R outputs are finished in registers with no horizontal sum. Within block b of a tile, step
 // j (0..7) covers inputs 4j..4j+3: its operand has row r's 4 codes at bytes 4r..4r+3, against the 4
 // activations q[4j..4j+3] broadcast to every lane. Q4 packs steps 2i (low nibble) and 2i+1 (high) into
 // one 4R-byte vector; Q8 stores each step's 4R bytes as they are. d and m of a block are R fp16 values.
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-constexpr int64_t TILE = 16;
 #define QT_VNNI 1
+constexpr int64_t LANES = 16, PAIRED = 2;  // two tiles a call: each activation broadcast feeds both
 #else
-constexpr int64_t TILE = 8;
+constexpr int64_t LANES = 8, PAIRED = 1;
 #endif
+constexpr int64_t TILE = LANES * PAIRED;  // weight rows a call of tile_dot computes
 
 #ifndef QT_PREFETCH
 #define QT_PREFETCH 8192
 #endif
 // Bytes ahead of the codes being read that each step asks the cache to fetch: two threads' streams alone
 // keep too few DRAM reads in flight (SmolLM2 int4 decode step 5.4 -> 3.9 ms at 8 KB, LOG.md 2026-12-02).
+// Only for one token a call: over several, a tile is read again for each few tokens from L1, and 8 KB
+// fetched past its end would push it out.
 constexpr int64_t PREFETCH = QT_PREFETCH;
 
 inline int32_t four(const int8_t* q) {  // 4 activations as one int32 (for broadcasting)
@@ -189,104 +203,148 @@ inline int32_t four(const int8_t* q) {  // 4 activations as one int32 (for broad
   return v;
 }
 
-// out[r] = Σ_k W[row r, k]·x[k] for the tile at `codes` (kind Q4 or Q8), x rounded as in `Rows` (q and r
-// rows of int8, dx, dr and sx per block).
-void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint16_t* m, const int8_t* q,
-              const int8_t* r, const float* dx, const float* dr, const float* sx, int64_t nb, float* out) {
-  constexpr int64_t R = TILE;
-  const int64_t block_bytes = kind == Q4 ? 16 * R : 32 * R;
+// out[u·TILE + r] = Σ_k W[row r, k]·x[t + u, k], u < U, for the P·LANES rows at `codes` (kind Q4 or Q8)
+// and the U tokens from t of `rw`. A block's codes are loaded and unpacked once for all U tokens, and on
+// AVX-512 each activation broadcast feeds P = 2 tiles: over a prefill chunk (U = 4) that is half the
+// instructions per token. A decode step (U = 1) takes its tiles one at a time (P = 1): one stream of
+// weights, which the prefetches run ahead of (two streams measured 30% slower).
+template <int U, int P>
+void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint16_t* m, const Rows& rw, int64_t t,
+              float* out) {
+  constexpr int64_t R = LANES;
+  const int64_t nb = rw.Kp / QK, block_bytes = kind == Q4 ? 16 * R : 32 * R;
+  const int8_t *q[U], *r[U];
+  const float *dx[U], *dr[U], *sx[U];
+  for (int u = 0; u < U; ++u) {
+    q[u] = rw.q.data() + (t + u) * rw.Kp, r[u] = rw.r.data() + (t + u) * rw.Kp;
+    dx[u] = rw.dx.data() + (t + u) * nb, dr[u] = rw.dr.data() + (t + u) * nb, sx[u] = rw.sx.data() + (t + u) * nb;
+  }
 #if defined(QT_VNNI)
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc[U][P];
+  for (int u = 0; u < U; ++u)
+    for (int p = 0; p < P; ++p) acc[u][p] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* c = codes + b * block_bytes;
-    const int8_t *qb = q + b * QK, *rb = r + b * QK;
-    __m512i sq = _mm512_setzero_si512(), sr = _mm512_setzero_si512();  // Σ code·q, Σ code·r per row
-    // one step: 4 codes of each row against 4 inputs (at offset j of the block) of q and of r
-    const auto step = [&](__m512i w, int64_t j) {
-      sq = _mm512_dpbusd_epi32(sq, w, _mm512_set1_epi32(four(qb + j)));
-      sr = _mm512_dpbusd_epi32(sr, w, _mm512_set1_epi32(four(rb + j)));
+    const uint8_t* c[P];
+    for (int p = 0; p < P; ++p) {
+      c[p] = codes + (p * nb + b) * block_bytes;
+      for (int64_t i = 0; i < (U == 1 ? (kind == Q4 ? 4 : 8) : 0); ++i)  // see PREFETCH
+        _mm_prefetch(reinterpret_cast<const char*>(c[p] + 64 * i + PREFETCH), _MM_HINT_T0);
+    }
+    __m512i sq[U][P], sr[U][P];  // Σ code·q, Σ code·r per row
+    for (int u = 0; u < U; ++u)
+      for (int p = 0; p < P; ++p) sq[u][p] = sr[u][p] = _mm512_setzero_si512();
+    // step j: w[p] holds 4 codes of each row of tile p for inputs 4j..4j+3 of the block
+    const auto step = [&](const __m512i* w, int64_t j) {
+      for (int u = 0; u < U; ++u) {
+        const __m512i bq = _mm512_set1_epi32(four(q[u] + b * QK + 4 * j));
+        const __m512i br = _mm512_set1_epi32(four(r[u] + b * QK + 4 * j));
+        for (int p = 0; p < P; ++p) {
+          sq[u][p] = _mm512_dpbusd_epi32(sq[u][p], w[p], bq);
+          sr[u][p] = _mm512_dpbusd_epi32(sr[u][p], w[p], br);
+        }
+      }
     };
-    if (kind == Q4) {
+    if (kind == Q4) {  // one 64-byte load: steps 2i (low nibbles) and 2i + 1 (high)
       for (int64_t i = 0; i < 4; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(c + 64 * i + PREFETCH), _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(c + 64 * i);
-        step(_mm512_and_si512(v, low), 8 * i);
-        step(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), 8 * i + 4);
+        __m512i lo[P], hi[P];
+        for (int p = 0; p < P; ++p) {
+          const __m512i v = _mm512_loadu_si512(c[p] + 64 * i);
+          lo[p] = _mm512_and_si512(v, low);
+          hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        }
+        step(lo, 2 * i);
+        step(hi, 2 * i + 1);
       }
     } else {
-      for (int64_t i = 0; i < 8; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(c + 64 * i + PREFETCH), _MM_HINT_T0);
-        step(_mm512_loadu_si512(c + 64 * i), 4 * i);
+      for (int64_t j = 0; j < 8; ++j) {
+        __m512i w[P];
+        for (int p = 0; p < P; ++p) w[p] = _mm512_loadu_si512(c[p] + 64 * j);
+        step(w, j);
       }
     }
-    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(d + b * R)));
-    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + b * R)));
-    const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr), _mm512_set1_ps(dr[b]),
-                                       _mm512_mul_ps(_mm512_cvtepi32_ps(sq), _mm512_set1_ps(dx[b])));
-    acc = _mm512_fmadd_ps(dot, dv, _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[b]), acc));
+    for (int p = 0; p < P; ++p) {
+      const uint16_t* dp = d + (p * nb + b) * R;
+      const uint16_t* mp = m + (p * nb + b) * R;
+      const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dp)));
+      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mp)));
+      for (int u = 0; u < U; ++u) {
+        const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr[u][p]), _mm512_set1_ps(dr[u][b]),
+                                           _mm512_mul_ps(_mm512_cvtepi32_ps(sq[u][p]), _mm512_set1_ps(dx[u][b])));
+        acc[u][p] = _mm512_fmadd_ps(dot, dv, _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[u][b]), acc[u][p]));
+      }
+    }
   }
-  _mm512_storeu_ps(out, acc);
+  for (int u = 0; u < U; ++u)
+    for (int p = 0; p < P; ++p) _mm512_storeu_ps(out + u * TILE + p * R, acc[u][p]);
 #elif defined(__AVX2__)
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc[U];
+  for (int u = 0; u < U; ++u) acc[u] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* c = codes + b * block_bytes;
-    const int8_t *qb = q + b * QK, *rb = r + b * QK;
-    __m256i sq = _mm256_setzero_si256(), sr = _mm256_setzero_si256();
-    if (kind == Q4) {  // codes ≤ 15, |q| ≤ 127: maddubs' pair sums stay far inside int16
+    // Q4: codes ≤ 15 against |q| ≤ 127, two steps' maddubs summed stay far inside int16. Q8: maddubs'
+    // u8 × s8 pair sums would overflow int16 for codes up to 255, so each step runs as |code - 128| times
+    // q with the sign of code - 128 (pair sums below 2^15), and m + 128·d takes the 128 back.
+    __m256i w[8], aw[8];
+    for (int64_t i = 0; i < (U == 1 ? (kind == Q4 ? 4 : 8) : 0); ++i)  // see PREFETCH
+      _mm_prefetch(reinterpret_cast<const char*>(c + 32 * i + PREFETCH), _MM_HINT_T0);
+    if (kind == Q4) {
       for (int64_t i = 0; i < 4; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(c + 32 * i + PREFETCH), _MM_HINT_T0);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * i));
-        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        const auto dot = [&](const int8_t* a) {  // Σ over this step's 8 inputs of a
-          return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(four(a + 8 * i))),
-                                                    _mm256_maddubs_epi16(hi, _mm256_set1_epi32(four(a + 8 * i + 4)))),
-                                   ones);
-        };
-        sq = _mm256_add_epi32(sq, dot(qb));
-        sr = _mm256_add_epi32(sr, dot(rb));
+        w[2 * i] = _mm256_and_si256(v, low);
+        w[2 * i + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
       }
-    } else {  // code - 128 (code ^ 0x80): |w| times q with w's sign keeps the pair sums below 2^15
+    } else {
       const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-      for (int64_t i = 0; i < 8; ++i) {
-        _mm_prefetch(reinterpret_cast<const char*>(c + 32 * i + PREFETCH), _MM_HINT_T0);
-        const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * i)), flip);
-        const __m256i aw = _mm256_sign_epi8(w, w);
-        const auto dot = [&](const int8_t* a) {
-          return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(_mm256_set1_epi32(four(a + 4 * i)), w)),
-                                   ones);
-        };
-        sq = _mm256_add_epi32(sq, dot(qb));
-        sr = _mm256_add_epi32(sr, dot(rb));
+      for (int64_t j = 0; j < 8; ++j) {
+        w[j] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * j)), flip);
+        aw[j] = _mm256_sign_epi8(w[j], w[j]);
       }
     }
     const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + b * R)));
-    const __m256 dot = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sr), _mm256_set1_ps(dr[b]),
-                                       _mm256_mul_ps(_mm256_cvtepi32_ps(sq), _mm256_set1_ps(dx[b])));
     __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + b * R)));
-    if (kind == Q8) mv = _mm256_fmadd_ps(dv, _mm256_set1_ps(128.f), mv);  // for Σ (code - 128)·x above
-    acc = _mm256_fmadd_ps(dot, dv, _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[b]), acc));
-  }
-  _mm256_storeu_ps(out, acc);
-#else
-  for (int64_t row = 0; row < R; ++row) {
-    float acc = 0.f;
-    for (int64_t b = 0; b < nb; ++b) {
-      const uint8_t* c = codes + b * block_bytes;
-      int sq = 0, sr = 0;
-      for (int64_t j = 0; j < 8; ++j) {
-        for (int64_t e = 0; e < 4; ++e) {
-          const int w = kind == Q4 ? (c[(j / 2) * 4 * R + 4 * row + e] >> (4 * (j % 2))) & 15
-                                   : c[j * 4 * R + 4 * row + e];
-          sq += w * q[b * QK + 4 * j + e];
-          sr += w * r[b * QK + 4 * j + e];
-        }
+    if (kind == Q8) mv = _mm256_fmadd_ps(dv, _mm256_set1_ps(128.f), mv);
+    const auto dot = [&](const int8_t* a) {  // Σ code·a over the block, per row
+      __m256i s = _mm256_setzero_si256();
+      for (int64_t i = 0; i < 4; ++i) {
+        const __m256i a0 = _mm256_set1_epi32(four(a + 8 * i)), a1 = _mm256_set1_epi32(four(a + 8 * i + 4));
+        const __m256i pairs = kind == Q4
+            ? _mm256_add_epi16(_mm256_maddubs_epi16(w[2 * i], a0), _mm256_maddubs_epi16(w[2 * i + 1], a1))
+            : _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(aw[2 * i], _mm256_sign_epi8(a0, w[2 * i])), ones),
+                               _mm256_madd_epi16(_mm256_maddubs_epi16(aw[2 * i + 1], _mm256_sign_epi8(a1, w[2 * i + 1])),
+                                                 ones));
+        s = _mm256_add_epi32(s, kind == Q4 ? _mm256_madd_epi16(pairs, ones) : pairs);
       }
-      acc += half(d[b * R + row]) * (dx[b] * static_cast<float>(sq) + dr[b] * static_cast<float>(sr)) +
-             half(m[b * R + row]) * sx[b];
+      return _mm256_cvtepi32_ps(s);
+    };
+    for (int u = 0; u < U; ++u) {
+      const __m256 sum = _mm256_fmadd_ps(dot(r[u] + b * QK), _mm256_set1_ps(dr[u][b]),
+                                         _mm256_mul_ps(dot(q[u] + b * QK), _mm256_set1_ps(dx[u][b])));
+      acc[u] = _mm256_fmadd_ps(sum, dv, _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[u][b]), acc[u]));
     }
-    out[row] = acc;
+  }
+  for (int u = 0; u < U; ++u) _mm256_storeu_ps(out + u * TILE, acc[u]);
+#else
+  for (int u = 0; u < U; ++u) {
+    for (int64_t row = 0; row < R; ++row) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* c = codes + b * block_bytes;
+        int sq = 0, sr = 0;
+        for (int64_t j = 0; j < 8; ++j) {
+          for (int64_t e = 0; e < 4; ++e) {
+            const int w = kind == Q4 ? (c[(j / 2) * 4 * R + 4 * row + e] >> (4 * (j % 2))) & 15
+                                     : c[j * 4 * R + 4 * row + e];
+            sq += w * q[u][b * QK + 4 * j + e];
+            sr += w * r[u][b * QK + 4 * j + e];
+          }
+        }
+        acc += half(d[b * R + row]) * (dx[u][b] * static_cast<float>(sq) + dr[u][b] * static_cast<float>(sr)) +
+               half(m[b * R + row]) * sx[u][b];
+      }
+      out[u * TILE + row] = acc;
+    }
   }
 #endif
 }
@@ -311,17 +369,31 @@ void linear(const Linear& L, const float* x, int64_t T, float* y) {
   const auto* d = reinterpret_cast<const uint16_t*>(L.d.data_ptr<at::Half>());
   const auto* m = reinterpret_cast<const uint16_t*>(L.m.data_ptr<at::Half>());
   const float* bias = L.bias.defined() && L.bias.numel() ? L.bias.data_ptr<float>() : nullptr;
-  // Threads take ranges of row tiles; a tile (a few KB) is read once and stays in L1 for all T tokens.
+  // Threads take ranges of TILE rows; their weights (a few KB) are read once and stay in L1 for all T
+  // tokens, taken 4 at a time while there are 4.
+  constexpr int U = 4;
+  const int64_t lane_bytes = nb * (L.kind == Q4 ? 16 : 32) * LANES;
   at::parallel_for(0, tiles, 1, [&](int64_t i0, int64_t i1) {
-    float out[TILE];
+    float out[U * TILE];
     for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t t = 0; t < T; ++t) {
-        tile_dot(L.kind, codes + i * tile_bytes, d + i * nb * TILE, m + i * nb * TILE, r.q.data() + t * L.Kp,
-                 r.r.data() + t * L.Kp, r.dx.data() + t * nb, r.dr.data() + t * nb, r.sx.data() + t * nb, nb, out);
-        for (int64_t k = 0; k < TILE && i * TILE + k < N; ++k) {
-          const int64_t n = i * TILE + k;
-          y[t * N + n] = bias ? out[k] + bias[n] : out[k];
+      const uint8_t* c = codes + i * tile_bytes;
+      for (int64_t t = 0; t < T;) {
+        const int64_t n_tok = T - t >= U ? U : 1;
+        if (n_tok == U) {  // (int8 at K = 1536 one tile at a time: 2.6x slower, LOG.md 2026-12-03)
+          tile_dot<U, PAIRED>(L.kind, c, d + i * nb * TILE, m + i * nb * TILE, r, t, out);
+        } else {
+          for (int64_t p = 0; p < PAIRED; ++p) {
+            const int64_t at = (i * PAIRED + p) * nb * LANES;  // this tile's d and m
+            tile_dot<1, 1>(L.kind, c + p * lane_bytes, d + at, m + at, r, t, out + p * LANES);
+          }
         }
+        for (int64_t u = 0; u < n_tok; ++u) {
+          for (int64_t k = 0; k < TILE && i * TILE + k < N; ++k) {
+            const int64_t n = i * TILE + k;
+            y[(t + u) * N + n] = bias ? out[u * TILE + k] + bias[n] : out[u * TILE + k];
+          }
+        }
+        t += n_tok;
       }
     }
   });
@@ -513,5 +585,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("forward", &forward, "the decoder over T tokens on their cache rows; logits at logit_index");
   mod.def("matmul", &matmul, "one quantized product, y = x · Wᵀ (+ bias)");
   mod.def("isa", &isa, "the instructions this build's products use");
-  mod.def("tile", [] { return TILE; }, "weight rows per tile in this build's layout");
+  mod.def("tile", [] { return LANES; }, "weight rows per tile in this build's layout");
 }

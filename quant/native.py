@@ -114,10 +114,10 @@ def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 def tiled(kind: int, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, R: int):
     """codes (N, K) uint8 (Q4: 0..15; Q8: w + 128), d and m (N, K/32) -> native.cpp's tiles of R rows:
     codes (N/R, K/32, steps, R, 4) with step j holding inputs 4j..4j+3 of each row (Q4: steps 2i and 2i+1
-    in the low and high nibbles of one byte), d and m (N/R, K/32, R) fp16. Zero padding to whole tiles and
-    to K a multiple of 64."""
+    in the low and high nibbles of one byte), d and m (N/R, K/32, R) fp16. Zero padding to N a multiple
+    of 32 (native.cpp takes two tiles of 16 a call on AVX-512) and K a multiple of 64."""
     N, K = codes.shape
-    Np, Kp = -(-N // R) * R, -(-K // 64) * 64
+    Np, Kp = -(-N // 32) * 32, -(-K // 64) * 64
     nb = Kp // QK
     c = _pad(codes, Np, Kp).view(Np // R, R, nb, 8, 4).permute(0, 2, 3, 1, 4)
     if kind == Q4:
