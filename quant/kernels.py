@@ -7,7 +7,8 @@ Formats (what a quantized checkpoint stores per linear layer, W of shape (N out,
                                                                   (asymmetric, per group of G along K: the
                                                                   default; llama.cpp's Q8_0 is min = -128·scale.
                                                                   Per row cost SmolLM2 +1.4-1.9% perplexity;
-                                                                  files of 2026-12-02 have no mins: symmetric)
+                                                                  files without mins, qt's first groups, are
+                                                                  symmetric: min = -128·scale)
     int4   q (N, K/2) uint8, two 4-bit codes per byte (even k in the low nibble), scales and mins (N, K/G) fp16:
                                                                   W ≈ q · scale[n, g] + min[n, g]   (q in 0..15)
            asymmetric in groups of G along K, as llama.cpp's Q4_1 (5 bits per weight at G = 32).
@@ -277,8 +278,8 @@ def runs_as(kernel: str, scheme: str) -> str:
         return ("LLM.int8: int8 weights, int8 row-wise activations with fp16 outlier columns" if scheme == "int8"
                 else "NF4 weights (re-quantized from int4, blocks of 64), fp16 activations")
     if kernel == "native":
-        return (f"{scheme} weights in blocks of 32, int8 activations per block of 32 (llama.cpp's q8_1), "
-                "the whole step in quant/native.cpp")
+        return (f"{scheme} weights in blocks of 32, activations per block of 32 as int8 and an int8 residual "
+                "(~14 bits), the whole step in quant/native.cpp")
     if kernel == "dequant":
         return f"{scheme} weights dequantized to fp32 at load (fp32 memory and speed), fp32 activations"
     weights = "int4" if scheme == "int4" and kernel == "int4pack" else "int8 per output channel"

@@ -14,7 +14,7 @@
 // dx = max|x| / 127 (llama.cpp's q8_1), and r the same rounding of what q leaves, x - q·dx, at its own
 // dr = max|x - q·dx| / 127. So a block keeps ~14 bits (error ≤ max|x| / 32258, not llama.cpp's / 254): on
 // SmolLM2, q alone moved 4-7 of 10 greedy replies off fp32's (near-ties of 0.007-0.28 nats), q + r none
-// (LOG.md 2026-12-03). With sx = q·dx + r·dr summed over the block, a block's product is integer:
+// (LOG.md 2026-12-02, "two roundings"). With sx = q·dx + r·dr summed over the block, a block's product is integer:
 //   Σ_k W·x = d·(dx·Σ code·q + dr·Σ code·r) + m·sx
 // which VNNI's vpdpbusd (u8 × s8 -> s32) computes 64 products an instruction.
 //
@@ -379,7 +379,7 @@ void linear(const Linear& L, const float* x, int64_t T, float* y) {
       const uint8_t* c = codes + i * tile_bytes;
       for (int64_t t = 0; t < T;) {
         const int64_t n_tok = T - t >= U ? U : 1;
-        if (n_tok == U) {  // (int8 at K = 1536 one tile at a time: 2.6x slower, LOG.md 2026-12-03)
+        if (n_tok == U) {  // (int8 at K = 1536 one tile at a time: 2.6x slower, LOG.md 2026-12-02)
           tile_dot<U, PAIRED>(L.kind, c, d + i * nb * TILE, m + i * nb * TILE, r, t, out);
         } else {
           for (int64_t p = 0; p < PAIRED; ++p) {

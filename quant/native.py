@@ -2,9 +2,10 @@
 
 Why: a decode step of SmolLM2-135M is ~900 small torch ops; in eager mode they cost ~4.8 ms a token on
 two cores before any weight is read (LOG.md 2026-12-02), two thirds of llama.cpp's whole step. native.cpp runs
-the step as one call: llama.cpp's block formats (Q4_1-style int4, Q8_0-style int8, blocks of 32),
-activations rounded per block of 32 to int8 as llama.cpp's q8_1, and the products on VNNI's vpdpbusd
-(AVX-512) or AVX2's vpmaddubsw, whichever this CPU has.
+the step as one call: weights in blocks of 32 as llama.cpp's (int4 as Q4_1, int8 as Q8_0 with a min),
+activations rounded per block of 32 to int8 and what that leaves rounded again (~14 bits: llama.cpp's
+q8_1 alone moved SmolLM2's greedy replies), and the products on VNNI's vpdpbusd (AVX-512) or AVX2's
+vpmaddubsw, whichever this CPU has.
 
 It is compiled at first use, on the machine that runs it, with `-O3 -march=native` (torch's C++
 extension loader; a compiler and Python's headers are needed: `apt-get install g++ python3-dev`), and

@@ -67,7 +67,7 @@ def _once(v):
 
 
 def q8_1(x: torch.Tensor) -> torch.Tensor:
-    """x (T, K) rounded once per block of 32, as llama.cpp's q8_1 (native.cpp before 2026-12-03)."""
+    """x (T, K) rounded once per block of 32, as llama.cpp's q8_1 (native.cpp's first rounding)."""
     q, dx = _once(x.float().reshape(*x.shape[:-1], -1, 32))
     return (q * dx).float().reshape(x.shape)
 

@@ -25,8 +25,8 @@ from conftest import tiny_model
 
 CPU_PATHS = [(s, k) for s in ("int8", "int4") for k in kernels.CPU_KERNELS[s]]
 # Checkpoints as written: int8 in groups of 32 (dequant; the per-row products cannot run it); "int8-row",
-# the one-scale-per-row int8 qt wrote before 2026-12-02, which every int8 kernel runs; "int8-sym", the
-# symmetric groups (no mins) of 2026-12-02.
+# the one-scale-per-row int8 qt wrote first, which every int8 kernel runs; "int8-sym", the symmetric
+# groups (no mins) qt wrote next.
 CKPT_PATHS = [("int8", "dequant"), ("int8-sym", "dequant"), *[("int8-row", k) for k in kernels.CPU_KERNELS["int8"]],
               *[("int4", k) for k in kernels.CPU_KERNELS["int4"]]]
 # fbgemm also rounds each call's input to 8 bits (per tensor): about 1% of the output's scale here.
@@ -171,7 +171,7 @@ def dequantized_twin(model: torch.nn.Module, scheme: str, group: int | None) -> 
 
 
 def symmetric_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 as qt wrote it on 2026-12-02: q = round(W / s), s = fp16(max|W| / 127) per group (no mins)."""
+    """int8 groups as qt first wrote them: q = round(W / s), s = fp16(max|W| / 127) per group (no mins)."""
     g = w.float().view(w.shape[0], -1, group)
     s = (g.abs().amax(-1) / 127).half()
     return torch.round(g / s.float()[..., None]).clamp(-128, 127).to(torch.int8).view(w.shape), s
@@ -179,7 +179,7 @@ def symmetric_groups(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.T
 
 def write(src, tokenizer, scheme: str, out, group=None, gen=None):
     """weights.write; "int8-row" and "int8-sym": int8 checkpoints as qt wrote them before groups (one scale
-    per row) and on 2026-12-02 (symmetric groups of 32, no mins)."""
+    per row) and next (symmetric groups of 32, no mins)."""
     ck = checkpoint.Checkpoint(src, tokenizer, gen or {}, "mem")
     if scheme not in ("int8-row", "int8-sym"):
         return weights.write(ck, scheme, out, group)
