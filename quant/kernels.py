@@ -277,9 +277,6 @@ def runs_as(kernel: str, scheme: str) -> str:
     if kernel == "bnb":
         return ("LLM.int8: int8 weights, int8 row-wise activations with fp16 outlier columns" if scheme == "int8"
                 else "NF4 weights (re-quantized from int4, blocks of 64), fp16 activations")
-    if kernel == "native":
-        return (f"{scheme} weights in blocks of 32, activations per block of 32 as int8 and an int8 residual "
-                "(~14 bits), the whole step in quant/native.cpp")
     if kernel == "dequant":
         return f"{scheme} weights dequantized to fp32 at load (fp32 memory and speed), fp32 activations"
     weights = "int4" if scheme == "int4" and kernel == "int4pack" else "int8 per output channel"

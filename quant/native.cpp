@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -97,6 +98,7 @@ void exp_inplace(float* v, int64_t n) {
 
 struct Linear {
   int64_t kind, N, K, Kp;  // Kp: K padded to 64
+  bool twice;              // activations rounded twice (q + r), or once as llama.cpp's q8_1 (r = 0)
   at::Tensor codes, d, m, w, bias;  // by kind: Q4 / Q8 codes, d, m; F32 w; bias (N,) fp32 or empty
 };
 
@@ -154,7 +156,7 @@ inline int round_block(const float* v, int8_t* codes, float& scale, float* left)
 #endif
 }
 
-Rows quantize(const float* x, int64_t T, int64_t K, int64_t Kp) {
+Rows quantize(const float* x, int64_t T, int64_t K, int64_t Kp, bool twice) {
   const int64_t nb = Kp / QK;
   Rows rw{std::vector<int8_t>(T * Kp, 0), std::vector<int8_t>(T * Kp, 0), std::vector<float>(T * nb, 0.f),
           std::vector<float>(T * nb, 0.f), std::vector<float>(T * nb, 0.f), Kp};
@@ -164,7 +166,7 @@ Rows quantize(const float* x, int64_t T, int64_t K, int64_t Kp) {
       for (int64_t b = 0; b < K / QK; ++b) {
         const int64_t at = t * Kp + b * QK, j = t * nb + b;
         const int sq = round_block(x + t * K + b * QK, rw.q.data() + at, rw.dx[j], left);
-        const int sr = round_block(left, rw.r.data() + at, rw.dr[j], unused);
+        const int sr = twice ? round_block(left, rw.r.data() + at, rw.dr[j], unused) : 0;
         rw.sx[j] = rw.dx[j] * static_cast<float>(sq) + rw.dr[j] * static_cast<float>(sr);
       }
     }
@@ -208,7 +210,7 @@ inline int32_t four(const int8_t* q) {  // 4 activations as one int32 (for broad
 // AVX-512 each activation broadcast feeds P = 2 tiles: over a prefill chunk (U = 4) that is half the
 // instructions per token. A decode step (U = 1) takes its tiles one at a time (P = 1): one stream of
 // weights, which the prefetches run ahead of (two streams measured 30% slower).
-template <int U, int P>
+template <int U, int P, bool Twice>
 void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint16_t* m, const Rows& rw, int64_t t,
               float* out) {
   constexpr int64_t R = LANES;
@@ -238,10 +240,10 @@ void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint1
     const auto step = [&](const __m512i* w, int64_t j) {
       for (int u = 0; u < U; ++u) {
         const __m512i bq = _mm512_set1_epi32(four(q[u] + b * QK + 4 * j));
-        const __m512i br = _mm512_set1_epi32(four(r[u] + b * QK + 4 * j));
+        const __m512i br = Twice ? _mm512_set1_epi32(four(r[u] + b * QK + 4 * j)) : bq;
         for (int p = 0; p < P; ++p) {
           sq[u][p] = _mm512_dpbusd_epi32(sq[u][p], w[p], bq);
-          sr[u][p] = _mm512_dpbusd_epi32(sr[u][p], w[p], br);
+          if constexpr (Twice) sr[u][p] = _mm512_dpbusd_epi32(sr[u][p], w[p], br);
         }
       }
     };
@@ -269,8 +271,8 @@ void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint1
       const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dp)));
       const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mp)));
       for (int u = 0; u < U; ++u) {
-        const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr[u][p]), _mm512_set1_ps(dr[u][b]),
-                                           _mm512_mul_ps(_mm512_cvtepi32_ps(sq[u][p]), _mm512_set1_ps(dx[u][b])));
+        __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(sq[u][p]), _mm512_set1_ps(dx[u][b]));
+        if constexpr (Twice) dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sr[u][p]), _mm512_set1_ps(dr[u][b]), dot);
         acc[u][p] = _mm512_fmadd_ps(dot, dv, _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[u][b]), acc[u][p]));
       }
     }
@@ -319,8 +321,8 @@ void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint1
       return _mm256_cvtepi32_ps(s);
     };
     for (int u = 0; u < U; ++u) {
-      const __m256 sum = _mm256_fmadd_ps(dot(r[u] + b * QK), _mm256_set1_ps(dr[u][b]),
-                                         _mm256_mul_ps(dot(q[u] + b * QK), _mm256_set1_ps(dx[u][b])));
+      __m256 sum = _mm256_mul_ps(dot(q[u] + b * QK), _mm256_set1_ps(dx[u][b]));
+      if constexpr (Twice) sum = _mm256_fmadd_ps(dot(r[u] + b * QK), _mm256_set1_ps(dr[u][b]), sum);
       acc[u] = _mm256_fmadd_ps(sum, dv, _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[u][b]), acc[u]));
     }
   }
@@ -337,7 +339,7 @@ void tile_dot(int64_t kind, const uint8_t* codes, const uint16_t* d, const uint1
             const int w = kind == Q4 ? (c[(j / 2) * 4 * R + 4 * row + e] >> (4 * (j % 2))) & 15
                                      : c[j * 4 * R + 4 * row + e];
             sq += w * q[u][b * QK + 4 * j + e];
-            sr += w * r[u][b * QK + 4 * j + e];
+            if constexpr (Twice) sr += w * r[u][b * QK + 4 * j + e];
           }
         }
         acc += half(d[b * R + row]) * (dx[u][b] * static_cast<float>(sq) + dr[u][b] * static_cast<float>(sr)) +
@@ -362,7 +364,7 @@ void linear(const Linear& L, const float* x, int64_t T, float* y) {
     }
     return;
   }
-  const Rows r = quantize(x, T, L.K, L.Kp);
+  const Rows r = quantize(x, T, L.K, L.Kp, L.twice);
   const int64_t nb = L.Kp / QK, N = L.N, tiles = (N + TILE - 1) / TILE;
   const int64_t tile_bytes = nb * (L.kind == Q4 ? 16 : 32) * TILE;
   const auto* codes = L.codes.data_ptr<uint8_t>();
@@ -373,6 +375,16 @@ void linear(const Linear& L, const float* x, int64_t T, float* y) {
   // tokens, taken 4 at a time while there are 4.
   constexpr int U = 4;
   const int64_t lane_bytes = nb * (L.kind == Q4 ? 16 : 32) * LANES;
+  // one tile call, with or without the activations' second rounding
+  const auto dot = [&](auto tokens, auto tiles_a_call, const uint8_t* c, int64_t at, int64_t t, float* out) {
+    constexpr int u = decltype(tokens)::value, p = decltype(tiles_a_call)::value;
+    if (L.twice) {
+      tile_dot<u, p, true>(L.kind, c, d + at, m + at, r, t, out);
+    } else {
+      tile_dot<u, p, false>(L.kind, c, d + at, m + at, r, t, out);
+    }
+  };
+  using one = std::integral_constant<int, 1>;
   at::parallel_for(0, tiles, 1, [&](int64_t i0, int64_t i1) {
     float out[U * TILE];
     for (int64_t i = i0; i < i1; ++i) {
@@ -380,12 +392,10 @@ void linear(const Linear& L, const float* x, int64_t T, float* y) {
       for (int64_t t = 0; t < T;) {
         const int64_t n_tok = T - t >= U ? U : 1;
         if (n_tok == U) {  // (int8 at K = 1536 one tile at a time: 2.6x slower, LOG.md 2026-12-02)
-          tile_dot<U, PAIRED>(L.kind, c, d + i * nb * TILE, m + i * nb * TILE, r, t, out);
+          dot(std::integral_constant<int, U>{}, std::integral_constant<int, PAIRED>{}, c, i * nb * TILE, t, out);
         } else {
-          for (int64_t p = 0; p < PAIRED; ++p) {
-            const int64_t at = (i * PAIRED + p) * nb * LANES;  // this tile's d and m
-            tile_dot<1, 1>(L.kind, c + p * lane_bytes, d + at, m + at, r, t, out + p * LANES);
-          }
+          for (int64_t p = 0; p < PAIRED; ++p)  // d and m of tile p at (i·PAIRED + p)·nb·LANES
+            dot(one{}, one{}, c + p * lane_bytes, (i * PAIRED + p) * nb * LANES, t, out + p * LANES);
         }
         for (int64_t u = 0; u < n_tok; ++u) {
           for (int64_t k = 0; k < TILE && i * TILE + k < N; ++k) {
@@ -563,13 +573,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   namespace py = pybind11;
   py::class_<Linear>(mod, "Linear")
       .def(py::init([](int64_t kind, int64_t N, int64_t K, at::Tensor codes, at::Tensor d, at::Tensor m,
-                       at::Tensor w, at::Tensor bias) {
+                       at::Tensor w, at::Tensor bias, bool twice) {
              const int64_t Kp = (K + 63) / 64 * 64;
-             return Linear{kind, N, K, Kp, codes.contiguous(), d.contiguous(), m.contiguous(), w.contiguous(),
-                           bias.contiguous()};
+             return Linear{kind, N, K, Kp, twice, codes.contiguous(), d.contiguous(), m.contiguous(),
+                           w.contiguous(), bias.contiguous()};
            }),
            py::arg("kind"), py::arg("N"), py::arg("K"), py::arg("codes"), py::arg("d"), py::arg("m"), py::arg("w"),
-           py::arg("bias"));
+           py::arg("bias"), py::arg("twice"));
   py::class_<Layer>(mod, "Layer")
       .def(py::init([](Linear qkv, Linear o, Linear gate_up, Linear down, at::Tensor ln1, at::Tensor ln2,
                        at::Tensor qn, at::Tensor kn, int64_t window) {

@@ -39,6 +39,12 @@ F32, Q4, Q8 = 0, 1, 2  # native.cpp's Kind
 QK = 32  # weights per block
 SIMD = ("avx512_vnni", "avx2")  # builds `auto` uses; a plain C++ build (other CPUs) only when forced
 ISA_ENV = "QT_NATIVE_ISA"
+ROUNDING_ENV = "QT_NATIVE_ROUNDING"
+# How activations are rounded per block of 32: int8 and an int8 residual (~14 bits), or int8 alone
+# (llama.cpp's q8_1: SmolLM2's greedy replies moved on 3-7 of 10 prompts; ~10% faster decode, ~1.5x
+# batched throughput, LOG.md 2026-12-02 "two roundings").
+ROUNDINGS = {"twice": "int8 and an int8 residual per block of 32 (~14 bits)",
+             "once": "int8 per block of 32 (llama.cpp's q8_1)"}
 # Compiler flags of each named build (native.cpp's #if branches follow them), and the CPU flags it needs.
 ISAS = {"avx512_vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl",
                         "-mavx512vnni"],
@@ -46,6 +52,19 @@ ISAS = {"avx512_vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", 
         "scalar": []}
 NEEDS = {"avx512_vnni": ("avx2", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"), "avx2": ("avx2",),
          "scalar": ()}
+
+
+def rounding() -> str:
+    """$QT_NATIVE_ROUNDING: twice (default) or once."""
+    r = os.environ.get(ROUNDING_ENV) or "twice"
+    if r not in ROUNDINGS:
+        raise QtError(f"{ROUNDING_ENV}={r!r}: choose one of {', '.join(ROUNDINGS)}")
+    return r
+
+
+def runs_as(scheme: str) -> str:
+    """What the products compute with, for config.quantization["runs_as"]."""
+    return f"{scheme} weights in blocks of 32, activations {ROUNDINGS[rounding()]}, the whole step in quant/native.cpp"
 
 
 def build_dir() -> Path:
@@ -138,8 +157,9 @@ def repack(m: nn.Module, R: int):
     return Q4, *tiled(Q4, kernels.unpack_int4(m.qweight), d, m.mins.repeat_interleave(per, 1), R)
 
 
-def linear(ext, modules: list[nn.Module]):
-    """One native Linear of `modules` stacked along their outputs (q|k|v, gate|up)."""
+def linear(ext, modules: list[nn.Module], twice: bool = True):
+    """One native Linear of `modules` stacked along their outputs (q|k|v, gate|up); its activations rounded
+    `twice` or once (see ROUNDINGS)."""
     kinds = {m.scheme if hasattr(m, "scheme") else "fp32" for m in modules}
     if len(kinds) > 1:
         raise QtError(f"native.cpp fuses layers of one format; got {sorted(kinds)}")
@@ -154,7 +174,8 @@ def linear(ext, modules: list[nn.Module]):
                           for b, m in zip(biases, modules)])
     else:
         bias = empty
-    return ext.Linear(kind, sum(m.out_features for m in modules), modules[0].in_features, codes, d, mins, w, bias)
+    return ext.Linear(kind, sum(m.out_features for m in modules), modules[0].in_features, codes, d, mins, w, bias,
+                      twice)
 
 
 class _Stacked:
@@ -170,18 +191,19 @@ class _Stacked:
 
 def build(model):
     """native.cpp's Model over `model`'s tensors (repacked copies; `model` is only read)."""
-    ext, cfg = extension(), model.config
+    ext, cfg, twice = extension(), model.config, rounding() == "twice"
     layers, empty = [], torch.empty(0)
     for i, block in enumerate(model.model.layers):
         att, mlp = block.self_attn, block.mlp
         qn = att.q_norm.weight.detach().float() if cfg.qk_norm else empty
         kn = att.k_norm.weight.detach().float() if cfg.qk_norm else empty
-        layers.append(ext.Layer(linear(ext, [att.q_proj, att.k_proj, att.v_proj]), linear(ext, [att.o_proj]),
-                                linear(ext, [mlp.gate_proj, mlp.up_proj]), linear(ext, [mlp.down_proj]),
+        layers.append(ext.Layer(linear(ext, [att.q_proj, att.k_proj, att.v_proj], twice),
+                                linear(ext, [att.o_proj], twice), linear(ext, [mlp.gate_proj, mlp.up_proj], twice),
+                                linear(ext, [mlp.down_proj], twice),
                                 block.input_layernorm.weight.detach().float(),
                                 block.post_attention_layernorm.weight.detach().float(), qn, kn,
                                 cfg.windows()[i] or 0))
-    return ext.Model(layers, linear(ext, [model.lm_head]), model.model.norm.weight.detach().float(),
+    return ext.Model(layers, linear(ext, [model.lm_head], twice), model.model.norm.weight.detach().float(),
                      model.rope_cos.float(), model.rope_sin.float(), cfg.hidden_size, cfg.num_attention_heads,
                      cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size, float(cfg.rms_norm_eps))
 

@@ -296,9 +296,9 @@ def native_runner(model: Transformer, device: torch.device):
 
     `auto` takes native without timing it against torch's kernels: a decode step in torch eager costs
     ~4.8 ms of op overhead on SmolLM2 before any weight is read, native.cpp's whole int4 step ~3.9 ms
-    (LOG.md 2026-12-02). Its activations are rounded per block of 32 to int8 and a residual (~14 bits):
-    SmolLM2's greedy replies agree with fp32's on 9 of 10 prompts at int4 and int8; QT_QUANT_KERNEL=dequant
-    keeps them fp32."""
+    (LOG.md 2026-12-02). Its activations are rounded per block of 32 to int8 and a residual (~14 bits;
+    $QT_NATIVE_ROUNDING=once: int8 alone, faster): SmolLM2's greedy replies agree with fp32's on 9 of 10
+    prompts at int4 and int8; QT_QUANT_KERNEL=dequant keeps them fp32."""
     from quant import native
 
     kernel = os.environ.get(KERNEL_ENV) or "auto"
@@ -320,7 +320,7 @@ def native_runner(model: Transformer, device: torch.device):
             raise QtError(f"{KERNEL_ENV}=native: {why}")
         log.info("int8/int4 on torch's kernels: %s", why)
         return None
-    runs_as = kernels.runs_as("native", model.config.quantization["scheme"]) + f" ({isa})"
+    runs_as = native.runs_as(model.config.quantization["scheme"]) + f" ({isa})"
     model.quant_kernel = {"kernel": "native", "source": "forced" if kernel == "native" else "auto", "runs_as": runs_as}
     model.config.quantization = {**model.config.quantization, "kernel": "native", "runs_as": runs_as}
     return lambda: native.NativeRunner(model)
