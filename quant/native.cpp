@@ -438,50 +438,144 @@ struct Step {  // where each token goes
   int64_t T;
 };
 
+// ---- attention ----------------------------------------------------------------------------------
+//
+// The cache holds keys in blocks of KB positions, (layers, rows, KV, S/KB, D, KB): a block is KB keys
+// transposed, so a query's scores at KB positions are one vector, summed over dims in registers, and a
+// head's keys are one sequential stream. (Keys transposed whole, (D, S), were D short runs a head, each
+// from DRAM: SmolLM2 int4 decode attention 1.04 -> 0.49 ms a token, a 128-token prefill's 37 -> 9 ms, LOG.md
+// 2026-12-02.)
+// Values are (layers, rows, KV, S, D): a weighted sum of rows.
+constexpr int64_t KB = 16;
+
+// s[i·n + j - first] = q_i · key j for the NG query heads at q (each D, scaled), positions first..last
+// (n = last - first + 1) of one KV head's key blocks `kb`. Each head's sum runs in the same order whatever
+// NG is, so a head's scores do not depend on how heads are grouped into tasks.
+template <int NG>
+void scores(const float* q, int64_t D, const float* kb, int64_t first, int64_t last, float* s) {
+  const int64_t n = last - first + 1;
+  for (int64_t b = first / KB; b <= last / KB; ++b) {
+    const float* k = kb + b * D * KB;
+    float blk[NG][KB];
+#if defined(__AVX512F__)
+    __m512 a[NG][2];
+    for (int i = 0; i < NG; ++i) a[i][0] = a[i][1] = _mm512_setzero_ps();
+    int64_t e = 0;
+    for (; e + 2 <= D; e += 2) {  // two chains a head: an FMA's latency is hidden behind the other's
+      const __m512 k0 = _mm512_loadu_ps(k + e * KB), k1 = _mm512_loadu_ps(k + (e + 1) * KB);
+      for (int i = 0; i < NG; ++i) {
+        a[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * D + e]), k0, a[i][0]);
+        a[i][1] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * D + e + 1]), k1, a[i][1]);
+      }
+    }
+    for (; e < D; ++e)
+      for (int i = 0; i < NG; ++i)
+        a[i][0] = _mm512_fmadd_ps(_mm512_set1_ps(q[i * D + e]), _mm512_loadu_ps(k + e * KB), a[i][0]);
+    for (int i = 0; i < NG; ++i) _mm512_storeu_ps(blk[i], _mm512_add_ps(a[i][0], a[i][1]));
+#else
+    for (int i = 0; i < NG; ++i) {
+      std::fill(blk[i], blk[i] + KB, 0.f);
+      for (int64_t e = 0; e < D; ++e) {
+        const float qe = q[i * D + e];
+#pragma omp simd
+        for (int64_t l = 0; l < KB; ++l) blk[i][l] += qe * k[e * KB + l];
+      }
+    }
+#endif
+    const int64_t lo = std::max(first, b * KB), hi = std::min(last + 1, (b + 1) * KB);  // this block's positions
+    for (int i = 0; i < NG; ++i) std::copy(blk[i] + lo - b * KB, blk[i] + hi - b * KB, s + i * n + lo - first);
+  }
+}
+
+// o_i = Σ_j w[i·n + j] · v_j for the NG heads, over the n value rows at v (each D).
+template <int NG>
+void weighted_sum(const float* w, int64_t n, const float* v, int64_t D, float* o, int64_t o_stride) {
+#if defined(__AVX512F__)
+  if (D % 64 == 0) {
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {  // NG heads × 64 dims: up to 16 accumulators in registers
+      __m512 a[NG][4];
+      for (int i = 0; i < NG; ++i)
+        for (int r = 0; r < 4; ++r) a[i][r] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vr = v + j * D + d0;
+        const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16), v2 = _mm512_loadu_ps(vr + 32),
+                     v3 = _mm512_loadu_ps(vr + 48);
+        for (int i = 0; i < NG; ++i) {
+          const __m512 c = _mm512_set1_ps(w[i * n + j]);
+          a[i][0] = _mm512_fmadd_ps(c, v0, a[i][0]);
+          a[i][1] = _mm512_fmadd_ps(c, v1, a[i][1]);
+          a[i][2] = _mm512_fmadd_ps(c, v2, a[i][2]);
+          a[i][3] = _mm512_fmadd_ps(c, v3, a[i][3]);
+        }
+      }
+      for (int i = 0; i < NG; ++i)
+        for (int r = 0; r < 4; ++r) _mm512_storeu_ps(o + i * o_stride + d0 + 16 * r, a[i][r]);
+    }
+    return;
+  }
+#endif
+  for (int i = 0; i < NG; ++i) {
+    float* oi = o + i * o_stride;
+    std::fill(oi, oi + D, 0.f);
+    for (int64_t j = 0; j < n; ++j) {
+      const float c = w[i * n + j];
+#pragma omp simd
+      for (int64_t e = 0; e < D; ++e) oi[e] += c * v[j * D + e];
+    }
+  }
+}
+
 // q|k|v (T, (NH + 2KV)·D) -> attention output (T, NH·D); writes this step's keys and values into the cache.
-// The cache holds keys transposed, (layers, rows, KV, D, S), and values as (layers, rows, KV, S, D), so
-// both products are runs of axpys over contiguous positions or dims (vectorized, no horizontal sums),
-// and each task takes one KV head with all the query heads that share it (GQA): its keys are read once.
+// A task is one token's KV head with up to 4 of the query heads that share it (GQA: its keys and values are
+// read once for them); with few tokens (decode) a task takes one query head, so 2 threads share 3 KV heads
+// evenly. Tokens are dealt first, last, second, second-to-last, ...: a causal chunk's late tokens cost the most.
 void attention(const Model& md, const Layer& L, int64_t layer, float* qkv, const Step& st, at::Tensor& kc,
                at::Tensor& vc, float* out) {
   const int64_t D = md.D, NH = md.NH, KV = md.KV, G = NH / KV, W = (NH + 2 * KV) * D;
-  const int64_t B = kc.size(1), S = kc.size(4);
-  float* K = kc.data_ptr<float>() + layer * B * KV * D * S;
+  const int64_t B = kc.size(1), NB = kc.size(3), S = NB * KB;
+  float* K = kc.data_ptr<float>() + layer * B * KV * S * D;
   float* V = vc.data_ptr<float>() + layer * B * KV * S * D;
   const float* cs = md.cos.data_ptr<float>();
   const float* sn = md.sin.data_ptr<float>();
   const bool qk_norm = L.qn.defined() && L.qn.numel();
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
   for (int64_t t = 0; t < st.T; ++t) {
     float* row = qkv + t * W;
     const int64_t p = st.pos[t];
-    for (int64_t h = 0; h < NH + KV; ++h) {  // queries, then keys: [norm,] rotate
+    for (int64_t h = 0; h < NH + KV; ++h) {  // queries, then keys: [norm,] rotate; queries scaled by 1/√D
       float* v = row + h * D;
       if (qk_norm) rms_norm(v, (h < NH ? L.qn : L.kn).data_ptr<float>(), 1, D, md.eps, v);
       rope(v, cs + p * D, sn + p * D, D);
+      if (h < NH)
+        for (int64_t e = 0; e < D; ++e) v[e] *= scale;
     }
     for (int64_t h = 0; h < KV; ++h) {
       const int64_t head = st.rows[t] * KV + h;
-      for (int64_t e = 0; e < D; ++e) K[(head * D + e) * S + p] = row[(NH + h) * D + e];
+      float* kb = K + (head * NB + p / KB) * D * KB + p % KB;
+      for (int64_t e = 0; e < D; ++e) kb[e * KB] = row[(NH + h) * D + e];
       std::copy(row + (NH + KV + h) * D, row + (NH + KV + h + 1) * D, V + (head * S + p) * D);
     }
   }
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, st.T * KV, 1, [&](int64_t i0, int64_t i1) {
+  const int64_t per = st.T * KV >= 4 * at::get_num_threads() ? 4 : 1;  // query heads a task
+  const int64_t chunks = (G + per - 1) / per;
+  at::parallel_for(0, st.T * KV * chunks, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> w;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / KV, h = i % KV, p = st.pos[t], head = st.rows[t] * KV + h;
+      const int64_t k = i / (KV * chunks), t = k % 2 == 0 ? k / 2 : st.T - 1 - k / 2;
+      const int64_t h = i / chunks % KV, g0 = i % chunks * per, ng = std::min(per, G - g0);
+      const int64_t p = st.pos[t], head = st.rows[t] * KV + h;
       const int64_t first = L.window > 0 ? std::max<int64_t>(0, p - L.window + 1) : 0, n = p + 1 - first;
-      const float* kt = K + head * D * S + first;  // (D, S): kt[e·S + j] is key j's dim e
-      const float* v = V + (head * S + first) * D;
-      w.assign(G * n, 0.f);  // scores of the G query heads, (G, n)
-      for (int64_t g = 0; g < G; ++g) {
-        const float* q = qkv + t * W + (h * G + g) * D;
+      const float* q = qkv + t * W + (h * G + g0) * D;
+      const float* kb = K + head * NB * D * KB;
+      w.resize(ng * n);
+      switch (ng) {
+        case 1: scores<1>(q, D, kb, first, p, w.data()); break;
+        case 2: scores<2>(q, D, kb, first, p, w.data()); break;
+        case 3: scores<3>(q, D, kb, first, p, w.data()); break;
+        default: scores<4>(q, D, kb, first, p, w.data());
+      }
+      for (int64_t g = 0; g < ng; ++g) {  // softmax's numerators; the sum divides the output below
         float* s = w.data() + g * n;
-        for (int64_t e = 0; e < D; ++e) {
-          const float qe = q[e] * scale;
-          const float* k = kt + e * S;
-          for (int64_t j = 0; j < n; ++j) s[j] += qe * k[j];
-        }
         float top = -INFINITY;
 #pragma omp simd reduction(max : top)
         for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
@@ -490,12 +584,15 @@ void attention(const Model& md, const Layer& L, int64_t layer, float* qkv, const
         float total = 0.f;
 #pragma omp simd reduction(+ : total)
         for (int64_t j = 0; j < n; ++j) total += s[j];
-        float* o = out + t * NH * D + (h * G + g) * D;
-        std::fill(o, o + D, 0.f);
-        for (int64_t j = 0; j < n; ++j) {
-          const float a = s[j] / total;
-          for (int64_t e = 0; e < D; ++e) o[e] += a * v[j * D + e];
-        }
+        for (int64_t j = 0; j < n; ++j) s[j] /= total;
+      }
+      const float* v = V + (head * S + first) * D;
+      float* o = out + t * NH * D + (h * G + g0) * D;
+      switch (ng) {
+        case 1: weighted_sum<1>(w.data(), n, v, D, o, D); break;
+        case 2: weighted_sum<2>(w.data(), n, v, D, o, D); break;
+        case 3: weighted_sum<3>(w.data(), n, v, D, o, D); break;
+        default: weighted_sum<4>(w.data(), n, v, D, o, D);
       }
     }
   });
@@ -505,9 +602,9 @@ void attention(const Model& md, const Layer& L, int64_t layer, float* qkv, const
 at::Tensor forward(const Model& md, at::Tensor x, at::Tensor rows, at::Tensor pos, at::Tensor logit_index,
                    at::Tensor kc, at::Tensor vc) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == md.H && x.scalar_type() == at::kFloat, "x must be (T, hidden) fp32");
-  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat && kc.dim() == 5 &&
-                  vc.dim() == 5 && kc.size(4) == vc.size(3),
-              "caches: keys (layers, rows, KV, D, S) and values (layers, rows, KV, S, D), fp32, contiguous");
+  TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat && kc.dim() == 6 &&
+                  vc.dim() == 5 && kc.size(5) == KB && kc.size(4) == md.D && kc.size(3) * KB == vc.size(3),
+              "caches: keys (layers, rows, KV, S/16, D, 16) and values (layers, rows, KV, S, D), fp32, contiguous");
   x = x.contiguous().clone();
   rows = rows.to(at::kLong).contiguous();
   pos = pos.to(at::kLong).contiguous();
@@ -515,7 +612,7 @@ at::Tensor forward(const Model& md, at::Tensor x, at::Tensor rows, at::Tensor po
   const Step st{rows.data_ptr<int64_t>(), pos.data_ptr<int64_t>(), T};
   for (int64_t t = 0; t < T; ++t) {
     TORCH_CHECK(st.rows[t] >= 0 && st.rows[t] < kc.size(1), "cache row out of range");
-    TORCH_CHECK(st.pos[t] >= 0 && st.pos[t] < kc.size(4) && st.pos[t] < md.cos.size(0), "position out of range");
+    TORCH_CHECK(st.pos[t] >= 0 && st.pos[t] < vc.size(3) && st.pos[t] < md.cos.size(0), "position out of range");
   }
   std::vector<float> h(T * H), tmp(T * H), qkv(T * (md.NH + 2 * md.KV) * D), att(T * md.NH * D),
       gu(T * 2 * md.I), act(T * md.I);

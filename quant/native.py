@@ -37,6 +37,7 @@ from quant import kernels
 SOURCE = Path(__file__).with_name("native.cpp")
 F32, Q4, Q8 = 0, 1, 2  # native.cpp's Kind
 QK = 32  # weights per block
+KB = 16  # key positions per block of the key cache (native.cpp's KB)
 SIMD = ("avx512_vnni", "avx2")  # builds `auto` uses; a plain C++ build (other CPUs) only when forced
 ISA_ENV = "QT_NATIVE_ISA"
 ROUNDING_ENV = "QT_NATIVE_ROUNDING"
@@ -220,8 +221,10 @@ class NativeRunner:
     def allocate(self, rows: int, length: int) -> None:
         cfg = self.config
         self.k = self.v = None  # free the old cache first
-        L, KV, D, S = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, min(length, self.max_seq_len)
-        self.k, self.v = torch.zeros(L, rows, KV, D, S), torch.zeros(L, rows, KV, S, D)  # keys transposed
+        L, KV, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        S = -(-min(length, self.max_seq_len) // KB) * KB
+        # keys in blocks of KB positions, each transposed (native.cpp's attention); values as rows
+        self.k, self.v = torch.zeros(L, rows, KV, S // KB, D, KB), torch.zeros(L, rows, KV, S, D)
 
     @torch.inference_mode()
     def forward(self, segments: list[Segment], logits_at: list[int]) -> torch.Tensor:
@@ -232,5 +235,8 @@ class NativeRunner:
         return self.ext.forward(self.native, x, rows, pos, torch.tensor(logits_at), self.k, self.v)
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
-        self.k[:, dst, ..., :n] = self.k[:, src, ..., :n]
+        whole, part = divmod(n, KB)
+        self.k[:, dst, :, :whole] = self.k[:, src, :, :whole]
+        if part:
+            self.k[:, dst, :, whole, :, :part] = self.k[:, src, :, whole, :, :part]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]

@@ -128,6 +128,8 @@ FAMILIES = {  # tiny configs with each switch native.cpp must follow
         "full_attention", "sliding_attention", "sliding_attention"]),
     "qwen3": dict(model_type="qwen3", head_dim=32, tie_word_embeddings=False),
     "mistral": dict(model_type="mistral", sliding_window=8, output_bias=True),
+    # 6 query heads on one KV head, 64 wide: attention's tasks take 4 + 2 heads over a chunk, 1 in decode
+    "gqa": dict(num_attention_heads=6, num_key_value_heads=1, head_dim=64),
 }
 
 
@@ -194,7 +196,7 @@ def test_logits_match_torch_with_the_same_rounding(family, scheme, rounding, tmp
     assert ((got - other).abs().amax(-1) / other.abs().max()).median() > 5 * err.median()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gqa"])
 def test_cached_decode_and_ragged_batches_equal_one_pass(family, tmp_path, tok, monkeypatch):
     ext_or_skip()
     runner = native_runner(quantized(tmp_path, tok, family, "int4"), monkeypatch, rows=3)
