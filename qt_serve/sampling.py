@@ -205,17 +205,16 @@ class Sampler:
             x = x.masked_fill(probs < p.min_p * probs.max(), NEG_INF)
         return x
 
+    def _plain_greedy(self) -> bool:
+        """Greedy with nothing for `process` to change: no grammar, bias, penalties or min_tokens left."""
+        p = self.p
+        return (p.greedy and self.constraint is None and not p.logit_bias and p.repetition_penalty == 1.0
+                and not p.presence_penalty and not p.frequency_penalty and self.n_out >= p.min_tokens)
+
     def __call__(self, logits: torch.Tensor) -> Choice:
-        x = self.process(logits)
-        if not bool(x.max() > NEG_INF):  # everything excluded (NaN / -inf logits): the raw argmax, never a raise
-            raw = logits.float()[: self.vocab_size].nan_to_num(nan=-1e30, posinf=1e30, neginf=-1e30)
-            if self.allowed is not None:  # ... among the tokens the grammar allows
-                raw = torch.where(self.allowed, raw, NEG_INF)
-            token = int(torch.argmax(raw))
-        elif self.p.greedy:
-            token = int(torch.argmax(x))
-        else:
-            token = self._draw(x)
+        token = self._argmax(logits) if self._plain_greedy() else None
+        if token is None:
+            token = self._choose(self.process(logits), logits)
         choice = Choice(token)
         if self.p.logprobs is not None:
             lp = torch.log_softmax(logits.float()[: self.vocab_size], -1)
@@ -230,6 +229,24 @@ class Sampler:
         self.n_out += 1
         return choice
 
+    def _argmax(self, logits: torch.Tensor) -> int | None:
+        """The raw argmax in one pass over the vocabulary (`process` takes five, ~0.1 ms a token on 49k
+        entries): the same token `process` leads to, unless NaN or -inf wins, which it leaves to `process`.
+        torch's argmax takes the first NaN if there is one, else the first maximum (+inf included)."""
+        raw = logits[: self.vocab_size]
+        token = int(torch.argmax(raw))
+        return token if float(raw[token]) > NEG_INF else None
+
+    def _choose(self, x: torch.Tensor, logits: torch.Tensor) -> int:
+        """The token from processed logits x."""
+        if not bool(x.max() > NEG_INF):  # everything excluded (NaN / -inf logits): the raw argmax, never a raise
+            raw = logits.float()[: self.vocab_size].nan_to_num(nan=-1e30, posinf=1e30, neginf=-1e30)
+            if self.allowed is not None:  # ... among the tokens the grammar allows
+                raw = torch.where(self.allowed, raw, NEG_INF)
+            return int(torch.argmax(raw))
+        if self.p.greedy:
+            return int(torch.argmax(x))
+        return self._draw(x)
 
     def _draw(self, x: torch.Tensor) -> int:
         """A token drawn from softmax(x). When filters left few candidates (top-k / top-p usually leave

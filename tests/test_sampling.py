@@ -147,6 +147,25 @@ def test_nothing_left_falls_back_to_the_raw_argmax():
     assert Sampler(SamplingParams(), 4, [], [])(torch.full((4,), float("nan"))).token == 0
 
 
+def greedy_reference(xs: list[float]) -> int:
+    """The documented greedy rule in plain Python: NaN excluded, the first maximum (+inf counts); if nothing is
+    left, the first maximum of the raw logits with NaN and -inf as -1e30."""
+    inf = float("inf")
+    kept = [(v, -i) for i, v in enumerate(xs) if not math.isnan(v)]
+    if kept and max(kept)[0] > -inf:
+        return -max(kept)[1]
+    ys = [-1e30 if math.isnan(v) or v == -inf else v for v in xs]
+    return ys.index(max(ys))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.floats(-3, 3, width=32), st.sampled_from([float("nan"), float("inf"), float("-inf"), 1.0])),
+                min_size=1, max_size=12))
+def test_greedy_follows_the_rule_with_any_logits(logits):
+    s = Sampler(SamplingParams(temperature=0), len(logits), [], [])
+    assert s(torch.tensor(logits)).token == greedy_reference(logits)
+
+
 finite_logit = st.floats(-1e4, 1e4, width=32)
 logits_st = st.lists(st.one_of(finite_logit, finite_logit, finite_logit, st.just(float("-inf"))),
                      min_size=1, max_size=40).filter(lambda xs: any(x > float("-inf") for x in xs))
