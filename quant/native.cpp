@@ -689,8 +689,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
         return Model{std::move(layers), head, norm.contiguous(), cos.contiguous(), sin.contiguous(),
                      H, NH, KV, D, I, eps};
       }));
-  mod.def("forward", &forward, "the decoder over T tokens on their cache rows; logits at logit_index");
-  mod.def("matmul", &matmul, "one quantized product, y = x · Wᵀ (+ bias)");
+  // Both let go of the GIL: a server's event loop keeps streaming and answering while a step runs.
+  mod.def("forward", &forward, py::call_guard<py::gil_scoped_release>(),
+          "the decoder over T tokens on their cache rows; logits at logit_index");
+  mod.def("matmul", &matmul, py::call_guard<py::gil_scoped_release>(), "one quantized product, y = x · Wᵀ (+ bias)");
   mod.def("isa", &isa, "the instructions this build's products use");
   mod.def("tile", [] { return LANES; }, "weight rows per tile in this build's layout");
 }

@@ -93,8 +93,10 @@ def _build(isa: str):
     key = fast.cache_key(["native", isa, hashlib.sha256(SOURCE.read_bytes()).hexdigest()])
     where = build_dir() / key
     where.mkdir(parents=True, exist_ok=True)
-    # -fopenmp-simd: the `omp simd` loops (reductions) vectorize; no OpenMP runtime (threads are ATen's)
-    flags = ["-O3", "-fopenmp-simd", *(["-march=native"] if isa == "native" else ISAS[isa])]
+    # -fopenmp: at::parallel_for is a header template whose `omp parallel` compiles into this module; without
+    # the flag it runs on one thread (as it did until 2026-12-02: LOG.md). The module then needs libgomp.so.1,
+    # the soname of the copy torch loaded first, so both share one OpenMP runtime and its thread pool.
+    flags = ["-O3", "-fopenmp", *(["-march=native"] if isa == "native" else ISAS[isa])]
     try:  # the ninja package's binary, for a venv used without activating it (its bin/ is not on PATH)
         import ninja
 
@@ -106,7 +108,7 @@ def _build(isa: str):
         print(f"qt: building the native int4/int8 kernels for this CPU ({isa}), once: ~1 minute", file=sys.stderr)
     try:
         return cpp_extension.load(name=f"qt_native_{key}", sources=[str(SOURCE)], build_directory=str(where),
-                                  extra_cflags=flags, verbose=False)
+                                  extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except (OSError, RuntimeError, ImportError) as e:
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
         raise QtError(f"qt's native kernels did not build ({last}); they need a C++ compiler and Python's "
