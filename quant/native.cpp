@@ -29,6 +29,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -694,5 +695,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "the decoder over T tokens on their cache rows; logits at logit_index");
   mod.def("matmul", &matmul, py::call_guard<py::gil_scoped_release>(), "one quantized product, y = x · Wᵀ (+ bias)");
   mod.def("isa", &isa, "the instructions this build's products use");
+  mod.def("threads", [] {  // ATen's parallel_for gives each thread one range: count them
+    std::atomic<int> ranges{0};
+    at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) { ranges.fetch_add(1); });
+    return ranges.load();
+  }, "threads this module's parallel loops run on (1 if built without OpenMP)");
   mod.def("tile", [] { return LANES; }, "weight rows per tile in this build's layout");
 }

@@ -120,6 +120,19 @@ def test_product_matches_its_definition(isa, scheme, N, K, group, twice):
         assert (x.double() @ W.T + m.bias.double() - ref).abs().max() > 5e-6 * M
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU: nothing to run in parallel")
+@pytest.mark.parametrize("isa", builds())
+def test_parallel_loops_use_torchs_threads(isa):
+    """at::parallel_for is a header template: built without OpenMP it ran every product on one thread."""
+    ext = ext_or_skip(isa)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ext.threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---- the whole model -------------------------------------------------------------------------
 
 FAMILIES = {  # tiny configs with each switch native.cpp must follow
