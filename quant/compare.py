@@ -336,22 +336,19 @@ def peer_rows(source: str, fp32_dir: Path, req: dict, python: str, tmp: Path, ou
 
 def fp32_checkpoint(source: str, out: Path) -> Path:
     """The fp32 reference as a checkpoint directory, out/fp32: the source loaded in fp32 and saved, or, for a
-    random config name of evals.bench (45M, 125M), that model seeded 0 with SmolLM2's tokenizer."""
+    random config name of evals.bench (45M, 125M), that model seeded 0 with SmolLM2's tokenizer (and vocabulary)."""
     import torch
 
     from evals.bench import CONFIGS
     from qt_serve import checkpoint, hub
-    from qt_serve.errors import QtError
     from qt_serve.model import Transformer
     from qt_serve.tokenizer import Tokenizer
     from quant.convert import load_source
 
     if source in CONFIGS:
         tokenizer = Tokenizer.load(hub.pull(hub.DEFAULT_MODEL))
-        if tokenizer.vocab_size != CONFIGS[source].vocab_size:
-            raise QtError(f"random {source} has vocab {CONFIGS[source].vocab_size}; SmolLM2's tokenizer has "
-                          f"{tokenizer.vocab_size}")
-        cfg = replace(CONFIGS[source], bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+        cfg = replace(CONFIGS[source], vocab_size=tokenizer.vocab_size,  # 45M's 32000 -> SmolLM2's 49152
+                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
         torch.manual_seed(0)
         return checkpoint.save_checkpoint(out, Transformer(cfg).eval(), tokenizer)
     ckpt = load_source(source, dtype="float32")  # refuses a quantized source, which has no fp32 to compare with
@@ -392,6 +389,14 @@ def compare(source: str, schemes: list[str] | None = None, out: str | Path | Non
     print(f"{source}: threads {work.threads}, prompt {work.prompt}, {work.new_tokens} greedy tokens, "
           f"{work.streams} streams; schemes {', '.join(schemes)}{' + llama.cpp' if peers else ''}", flush=True)
     fp32_dir = fp32_checkpoint(str(source), out / "fp32")
+    if {"int8", "int4"} & set(schemes):  # build the native kernels now, once: no row's load time holds the build
+        from qt_serve.errors import QtError
+        from quant import native
+
+        try:
+            native.extension()
+        except QtError as e:  # those rows run on torch's kernels, and their serve.log says why
+            print(f"native kernels: {e}", flush=True)
     tok = Tokenizer.load(fp32_dir)
     from qt_serve.config import ModelConfig
 
