@@ -194,8 +194,9 @@ constexpr int64_t TILE = LANES * PAIRED;  // weight rows a call of tile_dot comp
 #ifndef QT_PREFETCH
 #define QT_PREFETCH 8192
 #endif
-// Bytes ahead of the codes being read that each step asks the cache to fetch: two threads' streams alone
-// keep too few DRAM reads in flight (SmolLM2 int4 decode step 5.4 -> 3.9 ms at 8 KB, LOG.md 2026-12-02).
+// Bytes ahead of the codes being read that each step asks the cache to fetch: a thread's stream alone keeps
+// too few DRAM reads in flight (SmolLM2 int4 decode step 5.4 -> 3.9 ms at 8 KB, measured when the module
+// still ran on one thread, LOG.md 2026-12-02).
 // Only for one token a call: over several, a tile is read again for each few tokens from L1, and 8 KB
 // fetched past its end would push it out.
 constexpr int64_t PREFETCH = QT_PREFETCH;

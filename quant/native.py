@@ -43,7 +43,7 @@ ISA_ENV = "QT_NATIVE_ISA"
 ROUNDING_ENV = "QT_NATIVE_ROUNDING"
 # How activations are rounded per block of 32: int8 and an int8 residual (~14 bits), or int8 alone
 # (llama.cpp's q8_1: SmolLM2's greedy replies moved on 4-7 of 10 prompts; a 128-token prefill 77 ms
-# against 108-118, LOG.md 2026-12-02 "two roundings").
+# against 108-118 on one thread, LOG.md 2026-12-02 "two roundings").
 ROUNDINGS = {"twice": "int8 and an int8 residual per block of 32 (~14 bits)",
              "once": "int8 per block of 32 (llama.cpp's q8_1)"}
 # Compiler flags of each named build (native.cpp's #if branches follow them), and the CPU flags it needs.

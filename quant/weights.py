@@ -295,7 +295,7 @@ def native_runner(model: Transformer, device: torch.device):
     products (AVX2 or AVX-512 VNNI) and runs this model. Else None: torch's kernels (`use_kernel`).
 
     `auto` takes native without timing it against torch's kernels: a decode step in torch eager costs
-    ~4.8 ms of op overhead on SmolLM2 before any weight is read, native.cpp's whole int4 step ~3.9 ms
+    ~4.8 ms of op overhead on SmolLM2 before any weight is read, native.cpp's whole int4 step ~2.7 ms
     (LOG.md 2026-12-02). Its activations are rounded per block of 32 to int8 and a residual (~14 bits;
     $QT_NATIVE_ROUNDING=once: int8 alone, faster): SmolLM2's greedy replies agree with fp32's on 9 of 10
     prompts at int4 and int8; QT_QUANT_KERNEL=dequant keeps them fp32."""
